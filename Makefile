@@ -1,0 +1,28 @@
+# Quickstart: `make demo` (set up + run the default study), `make test` (run the tests).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STUDY ?=
+
+.PHONY: demo test install bench-small clean
+
+$(BIN)/permanence: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+install: $(BIN)/permanence
+
+demo: install
+	$(BIN)/permanence simulate --config params.yaml $(if $(STUDY),--study $(STUDY))
+
+test: install
+	$(BIN)/python -m pytest tests
+
+bench-small: install
+	$(BIN)/python bench/reproduce_paper.py --scale small --data-root ../shared/data
+
+clean:
+	rm -rf results mlruns .prefect

@@ -1,0 +1,281 @@
+"""The one validated configuration, built from `params.yaml` and `key.sub=value` overrides.
+
+Everything that reads settings takes a `Config`; nothing re-parses the YAML. Names of attacks, drifts,
+models, policies and datasets are checked against their registries, so a new entry needs no change here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from permanence.errors import PermanenceError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    name: str = "digits"
+    root: Path | None = Field(None, description="folder holding the dataset (torchvision layout) or the .npz file")
+    download: bool = Field(False, description="let torchvision download a missing dataset (needs internet)")
+    channels: Literal[1, 3] | None = Field(None, description="force 1 or 3 channels; None keeps the dataset's")
+    limit: int | None = Field(None, ge=100, description="use at most this many training images (a seeded subset)")
+    test_limit: int | None = Field(None, ge=50, description="use at most this many test images")
+    d0_fraction: float = Field(0.5, gt=0, lt=1, description="share of the training images that forms D0")
+    update_data: Literal["pool", "slice"] = Field(
+        "pool", description="pool: every update fine-tunes on the whole update pool; slice: a fresh disjoint slice each"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        from permanence.data import DATASETS
+
+        DATASETS.get(name, "data.name")
+        return name
+
+
+class DriftConfig(Section):
+    kind: str = "rotation"
+    schedule: Literal["linear", "sudden", "recurring"] = "linear"
+    delta: float = Field(3.0, ge=0, description="per-update step (linear, recurring) or jump size (sudden)")
+    at_update: int = Field(5, ge=1, description="sudden: the update at which the drift jumps")
+    period: int = Field(4, ge=1, description="recurring: updates from zero drift to the peak (then back)")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_drift(cls, kind: str) -> str:
+        from permanence.drift import DRIFTS
+
+        DRIFTS.get(kind, "drift.kind")
+        return kind
+
+
+class AttackConfig(Section):
+    name: str = "badnets"
+    target: int = Field(0, ge=0, description="the all-to-one target label")
+    ratio: float = Field(0.1, ge=0, le=1, description="poisoned share of each poisoned training set")
+    strength: float | None = Field(
+        None, gt=0, description="patch size (badnets), blend alpha (blended), warp s (wanet), amplitude (sig); None: the attack's default"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_attack(cls, name: str) -> str:
+        from permanence.attacks import ATTACKS
+
+        ATTACKS.get(name, "attack.name")
+        return name
+
+
+class PoisoningConfig(Section):
+    inject: Literal["none", "d0", "update", "range"] = Field(
+        "d0", description="none: clean control; d0: poison D0; update: poison update `first`; range: updates first..last"
+    )
+    first: int = Field(1, ge=1)
+    last: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PoisoningConfig:
+        if self.inject == "range" and self.last < self.first:
+            raise ValueError(f"poisoning.last ({self.last}) must be >= poisoning.first ({self.first})")
+        return self
+
+
+class ModelConfig(Section):
+    name: str = "small_cnn"
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        from permanence.models import MODELS
+
+        MODELS.get(name, "model.name")
+        return name
+
+
+class TrainConfig(Section):
+    """Initial training of M0 (and of every `retrain` update)."""
+
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(0.05, gt=0)
+    schedule: Literal["constant", "onecycle"] = "onecycle"
+    batch_size: int = Field(128, ge=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class UpdateConfig(Section):
+    policy: str = "finetune"
+    updates: int = Field(15, ge=0, description="number of scheduled updates after M0")
+    epochs: int = Field(5, ge=1)
+    lr: float = Field(0.01, gt=0, description="finetune's constant lr")
+    max_lr: float = Field(0.5, gt=0, description="stlr's peak lr")
+    cut_frac: float = Field(0.1, gt=0, lt=1, description="stlr: share of steps spent warming up")
+    ratio: float = Field(32.0, ge=1, description="stlr: max_lr / min_lr")
+    batch_size: int = Field(128, ge=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, policy: str) -> str:
+        from permanence.policies import POLICIES
+
+        POLICIES.get(policy, "update.policy")
+        return policy
+
+
+class EvalConfig(Section):
+    alpha: float = Field(0.5, gt=0, le=1, description="ASR threshold of alpha-survivability")
+    batch_size: int = Field(1024, ge=1)
+
+
+class RuntimeConfig(Section):
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch; None keeps torch's default")
+    compile: bool = Field(False, description="torch.compile the model on CUDA (fixed batch shapes)")
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError("allowed: auto, cpu, cuda, cuda:N")
+        return device
+
+
+class TrackingConfig(Section):
+    """Settings of the pipeline around the core (flow, MLflow, Evidently); the core ignores them."""
+
+    drift_check: bool = True
+    drift_reports: bool = Field(False, description="keep an Evidently HTML report per update (several MB each)")
+    drift_threshold: float = Field(0.55, gt=0, lt=1, description="embedding drift score above which drift is flagged")
+    stat_drift_share: float = Field(0.5, gt=0, le=1, description="share of drifted image statistics that flags drift")
+
+
+class Config(Section):
+    study: str = "digits_badnets"
+    seed: int = Field(0, ge=0)
+    data: DataConfig = DataConfig()
+    drift: DriftConfig = DriftConfig()
+    attack: AttackConfig = AttackConfig()
+    poisoning: PoisoningConfig = PoisoningConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    update: UpdateConfig = UpdateConfig()
+    eval: EvalConfig = EvalConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("study")
+    @classmethod
+    def _study_identifier(cls, study: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}", study):
+            raise ValueError("must be an identifier: letters, digits, '_' or '-', starting with a letter or '_'")
+        return study
+
+    @model_validator(mode="after")
+    def _poisoning_within_timeline(self) -> Config:
+        p = self.poisoning
+        last = p.last if p.inject == "range" else p.first
+        if p.inject in ("update", "range") and last > self.update.updates:
+            raise ValueError(
+                f"poisoning: update {last} is beyond the timeline (update.updates = {self.update.updates})"
+            )
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """The config as `section.key -> value`, for MLflow params and tables."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, sub)
+            else:
+                out[prefix] = None if value is None else str(value) if isinstance(value, Path) else value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        section = ".".join(str(p) for p in first["loc"][:-1])
+        allowed = _allowed_keys(section)
+        return f"{source}: unknown key '{field}'; allowed keys here: {', '.join(allowed)}"
+    message = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{source}: {field}: {message}{shown}"
+
+
+def _allowed_keys(section: str) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in filter(None, section.split(".")):
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key.strip()):
+        raise PermanenceError(f"override {text!r}: expected key.sub=value, e.g. attack.ratio=0.05")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> Config:
+    """Validate a plain mapping plus overrides into a Config; raise PermanenceError with one line."""
+    merged: dict[str, Any] = dict(raw or {})
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise PermanenceError(f"override {text!r}: '{part}' is not a section")
+            else:
+                child = node[part] = dict(child)
+            node = child
+        node[path[-1]] = value
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as err:
+        raise PermanenceError(_one_line(err, source)) from None
+    except PermanenceError as err:  # a registry look-up inside a validator
+        raise PermanenceError(f"{source}: {err}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read `params.yaml` (or defaults when path is None) and apply `key.sub=value` overrides."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise PermanenceError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise PermanenceError(f"{path}: not valid YAML{where}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise PermanenceError(f"{path}: expected a mapping of sections at the top level")
+        raw = loaded or {}
+    return build_config(raw, overrides, source)

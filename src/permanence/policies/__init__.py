@@ -1,0 +1,52 @@
+"""Update policies: how a deployed model is refreshed on each update's data. One module each.
+
+A policy is a callable (model, data, ctx) -> model. `static` returns the model untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from permanence.config import Config
+from permanence.models import Classifier
+from permanence.registry import Registry
+from permanence.training import EpochCallback, Runtime
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """One version's training data: drifted and, where the schedule says, poisoned."""
+
+    version: int
+    x: torch.Tensor
+    y: torch.Tensor
+    poisoned: torch.Tensor  # bool mask
+    drift: float
+
+    @property
+    def is_poisoned(self) -> bool:
+        return bool(self.poisoned.any())
+
+
+@dataclass(frozen=True)
+class UpdateContext:
+    version: int
+    config: Config
+    runtime: Runtime
+    gen: torch.Generator
+    fresh_model: Callable[[], Classifier]
+    history: Callable[[], list[TrainingSet]]  # every training set up to and including this version's
+    on_epoch: EpochCallback | None = None
+    forward: Callable | None = None
+
+
+Policy = Callable[[Classifier, TrainingSet, UpdateContext], Classifier]
+
+POLICIES: Registry[Policy] = Registry("policy")
+
+from permanence.policies import finetune, stlr, retrain, static  # noqa: E402,F401
+
+__all__ = ["POLICIES", "Policy", "TrainingSet", "UpdateContext"]

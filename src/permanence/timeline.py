@@ -1,0 +1,76 @@
+"""A Timeline: one record per model version, plus (optionally) each version's weights."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from permanence.metrics import survivability
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    version: int  # 0 = M0, k = after update k
+    drift: float
+    poisoned: bool
+    clean_acc: float
+    asr: float
+    ra: float
+    train_seconds: float
+    eval_seconds: float
+    n_train: int
+    n_poisoned: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Timeline:
+    records: list[VersionRecord] = field(default_factory=list)
+    states: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    alpha: float = 0.5
+
+    @property
+    def last_poisoned(self) -> int | None:
+        poisoned = [r.version for r in self.records if r.poisoned]
+        return max(poisoned) if poisoned else None
+
+    def column(self, name: str) -> list[float]:
+        return [getattr(r, name) for r in self.records]
+
+    def survivability(self, alpha: float | None = None) -> int | None:
+        last = self.last_poisoned
+        if last is None:
+            return None
+        return survivability(self.column("asr"), last, self.alpha if alpha is None else alpha)
+
+    @property
+    def asr_injected(self) -> float | None:
+        last = self.last_poisoned
+        return None if last is None else self.records[last].asr
+
+    def summary(self) -> dict[str, Any]:
+        final = self.records[-1]
+        return {
+            "versions": len(self.records),
+            "alpha": self.alpha,
+            "survivability": self.survivability(),
+            "last_poisoned_version": self.last_poisoned,
+            "asr_injected": self.asr_injected,
+            "clean_acc_initial": self.records[0].clean_acc,
+            "clean_acc_final": final.clean_acc,
+            "asr_final": final.asr,
+            "train_seconds": sum(r.train_seconds for r in self.records),
+            "eval_seconds": sum(r.eval_seconds for r in self.records),
+        }
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [r.as_dict() for r in self.records]
+
+
+def finite(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else value

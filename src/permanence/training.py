@@ -1,0 +1,119 @@
+"""The training loop: data stays on the device as uint8, batches are sliced from a seeded permutation,
+normalised on the fly, and trained with bf16 autocast and channels_last where the runtime says so."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EpochCallback = Callable[[int, int, float], None]  # (epoch, epochs, mean loss)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    mean: torch.Tensor
+    std: torch.Tensor
+    bf16: bool
+    channels_last: bool
+    drop_ragged: bool = False  # fixed batch shapes, for torch.compile
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255).sub_(self.mean.view(1, -1, 1, 1)).div_(self.std.view(1, -1, 1, 1))
+        return x.contiguous(memory_format=self.memory_format)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+
+def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False)
+
+
+def batches_per_epoch(n: int, batch_size: int, runtime: Runtime) -> int:
+    full, ragged = divmod(n, batch_size)
+    return full + (1 if ragged >= 2 and not runtime.drop_ragged else 0) or 1
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    runtime: Runtime,
+    gen: torch.Generator,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> float:
+    """Train in place for `epochs`; returns the last epoch's mean loss. The scheduler steps per batch."""
+    forward = forward or model
+    model.train()
+    n = len(y)
+    steps = batches_per_epoch(n, batch_size, runtime)
+    loss_value = float("nan")
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=gen).to(x.device)
+        total = torch.zeros((), device=x.device)
+        for step in range(steps):
+            idx = order[step * batch_size : (step + 1) * batch_size]
+            with runtime.autocast():
+                loss = loss_fn(forward(runtime.prepare(x[idx])), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += loss.detach()
+        loss_value = (total / steps).item()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, epochs, loss_value)
+    return loss_value
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, runtime: Runtime, batch_size: int = 1024) -> torch.Tensor:
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        with runtime.autocast():
+            out.append(model(runtime.prepare(images[start : start + batch_size])).argmax(1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=images.device)
+
+
+@torch.no_grad()
+def embed(model: nn.Module, images: torch.Tensor, runtime: Runtime, batch_size: int = 1024) -> torch.Tensor:
+    """Penultimate-layer features (float32, on the CPU), e.g. for drift detection."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        with runtime.autocast():
+            out.append(model.features(runtime.prepare(images[start : start + batch_size])).float().cpu())
+    return torch.cat(out)
+
+
+def fit_from_scratch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, runtime: Runtime,
+                     gen: torch.Generator, on_epoch: EpochCallback | None = None, forward=None) -> float:
+    """The initial-training recipe (config section `train`): SGD with a constant or one-cycle lr."""
+    optimizer = sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    scheduler = None
+    if cfg.schedule == "onecycle":
+        total = cfg.epochs * batches_per_epoch(len(y), cfg.batch_size, runtime)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
+    loss_fn = F.cross_entropy
+    if cfg.label_smoothing:
+        loss_fn = lambda logits, target: F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)  # noqa: E731
+    return train(model, x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=optimizer, runtime=runtime,
+                 gen=gen, scheduler=scheduler, loss_fn=loss_fn, forward=forward, on_epoch=on_epoch)

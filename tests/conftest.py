@@ -1,0 +1,21 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    """A reproducible batch of uint8 images (N, C, H, W) with a black bottom-right corner."""
+    x = torch.randint(0, 200, (12, 1, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    x[..., -4:, -4:] = 0
+    return x
+
+
+TINY = [
+    "update.updates=3", "train.epochs=8", "update.epochs=1", "data.limit=800", "data.test_limit=200",
+    "train.batch_size=64", "update.batch_size=64",
+]
