@@ -1,0 +1,79 @@
+"""The files a study leaves in results/<study>/: timeline.csv, summary.json, timeline.png.
+
+Each is written to a temporary file and renamed, so a crash never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ["update", "drift", "poisoned", "clean_acc", "asr", "ra", "drift_score", "drift_detected",
+           "stat_drift_share", "model_version", "train_seconds", "eval_seconds", "n_train", "n_poisoned"]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def timeline_csv(rows: list[dict[str, Any]]) -> bytes:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "update": row["version"]})
+    return out.getvalue().encode()
+
+
+def read_timeline_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def plot_png(rows: list[dict[str, Any]], title: str, alpha: float) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    updates = [r["version"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(updates, [r["clean_acc"] for r in rows], "o-", label="clean accuracy")
+    ax.plot(updates, [r["asr"] for r in rows], "s-", color="crimson", label="attack success rate")
+    ax.plot(updates, [r["ra"] for r in rows], "^--", color="gray", alpha=0.7, label="robust accuracy")
+    ax.axhline(alpha, color="crimson", lw=0.8, ls=":", label=f"alpha = {alpha}")
+    for r in rows:
+        if r["poisoned"]:
+            ax.axvspan(r["version"] - 0.4, r["version"] + 0.4, color="crimson", alpha=0.12)
+        if r.get("drift_detected"):
+            ax.plot(r["version"], 1.03, "v", color="darkorange", ms=5)
+    ax.set(xlabel="model version (update)", ylabel="rate", ylim=(-0.02, 1.07), title=title)
+    ax.set_xticks(updates)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_outputs(folder: Path, rows: list[dict[str, Any]], summary: dict[str, Any], title: str) -> dict[str, Path]:
+    paths = {"csv": folder / "timeline.csv", "summary": folder / "summary.json", "png": folder / "timeline.png"}
+    atomic_write(paths["csv"], timeline_csv(rows))
+    atomic_write(paths["png"], plot_png(rows, title, summary["alpha"]))
+    atomic_write(paths["summary"], json.dumps(summary, indent=2).encode())
+    return paths
