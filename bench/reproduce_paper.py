@@ -24,12 +24,12 @@ from permanence.simulation import resolve_device, state_on_cpu  # noqa: E402
 from permanence.timeline import Timeline  # noqa: E402
 
 SCALES = {
-    # CPU: a 4,000-image subset of MNIST, the small CNN, 8 updates x 2 epochs, 3 seeds
+    # CPU: a 4,000-image subset of MNIST, the small CNN, 8 updates x 2 epochs (batch 64), 3 seeds
     "small": dict(
         seeds=3,
         overrides=[
-            "data.limit=4000", "data.test_limit=1000", "model.name=small_cnn", "train.epochs=8", "train.lr=0.05",
-            "update.updates=8", "update.epochs=2", "update.batch_size=128", "drift.delta=3",
+            "data.limit=4000", "data.test_limit=1000", "model.name=small_cnn", "train.epochs=8", "train.lr=0.25",
+            "update.updates=8", "update.epochs=2", "update.batch_size=64", "drift.delta=3",
         ],
     ),
     # the paper: MNIST halves of 30,000, ResNet-9, 40 initial epochs, 15 updates x 5 epochs, 3 degrees per update

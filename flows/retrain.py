@@ -21,12 +21,17 @@ PROJECT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_HOME", str(PROJECT / ".prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from permanence.adapters.drift_check import check_drift as evidently_check  # noqa: E402
+from permanence.adapters.mlflow_store import StudyStore  # noqa: E402
+from permanence.adapters.outputs import write_outputs  # noqa: E402
 from permanence.config import Config  # noqa: E402
 from permanence.simulation import ProgressCallback, Simulation, state_on_cpu  # noqa: E402
+from permanence.timeline import Timeline, VersionRecord  # noqa: E402
 from permanence.training import embed  # noqa: E402
 
 # Resume goes through the registry, not Prefect's result cache: hashing datasets and models as task
@@ -46,14 +51,11 @@ def load_production(store, update: int, sim: Simulation):
 
 @task(**RETRIES)
 def check_drift(sim: Simulation, model, version: int, images, report_dir: Path | None):
-    from permanence.adapters.drift_check import check_drift as evidently_check
-
     cfg = sim.config.tracking
     reference = sim.splits.d0_x  # the clean reference distribution (D0 before poisoning)
     report = report_dir / f"drift_v{version:03d}.html" if report_dir else None
     return evidently_check(
-        reference, embed(model, reference, sim.runtime), images, embed(model, images, sim.runtime),
-        threshold=cfg.drift_threshold, stat_share=cfg.stat_drift_share, seed=sim.config.seed + version,
+        reference, images, lambda x: embed(model, x, sim.runtime), threshold=cfg.drift_threshold, stat_share=cfg.stat_drift_share, seed=sim.config.seed + version,
         report_path=report,
     )
 
@@ -85,10 +87,6 @@ def retraining_pipeline(config: Config, results_dir: Path = Path("results"), sto
                         on_event: ProgressCallback | None = None,
                         on_version: Callable[[dict[str, Any], bool], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the study's timeline; returns the summary. `on_version(record, resumed)` sees each version."""
-    from permanence.adapters.mlflow_store import StudyStore
-    from permanence.adapters.outputs import write_outputs
-    from permanence.timeline import Timeline, VersionRecord
-
     sim = Simulation(config)  # validates data, attack and drift before anything is written
     store = StudyStore(config, store_dir)
     run_id, resumed = store.open_run()
@@ -143,7 +141,6 @@ def retraining_pipeline(config: Config, results_dir: Path = Path("results"), sto
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(PROJECT / "src"))
     from permanence.cli import app
 
     app(["simulate", *sys.argv[1:]])

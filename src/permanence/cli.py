@@ -35,6 +35,9 @@ def _project_root() -> Path:
 
 
 def _load_flow_module():
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     path = _project_root() / "flows" / "retrain.py"
     spec = importlib.util.spec_from_file_location("permanence_flows_retrain", path)
     module = importlib.util.module_from_spec(spec)

@@ -103,8 +103,8 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     """Initial training of M0 (and of every `retrain` update)."""
 
-    epochs: int = Field(10, ge=1)
-    lr: float = Field(0.05, gt=0)
+    epochs: int = Field(12, ge=1)
+    lr: float = Field(0.25, gt=0, description="peak lr (onecycle) or the constant lr")
     schedule: Literal["constant", "onecycle"] = "onecycle"
     batch_size: int = Field(128, ge=1)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -156,7 +156,7 @@ class TrackingConfig(Section):
 
     drift_check: bool = True
     drift_reports: bool = Field(False, description="keep an Evidently HTML report per update (several MB each)")
-    drift_threshold: float = Field(0.55, gt=0, lt=1, description="embedding drift score above which drift is flagged")
+    drift_threshold: float = Field(0.62, gt=0.5, lt=1, description="embedding drift score (domain-classifier ROC AUC) above which drift is flagged; calibrated on zero-drift controls")
     stat_drift_share: float = Field(0.5, gt=0, le=1, description="share of drifted image statistics that flags drift")
 
 

@@ -4,6 +4,7 @@ per-image statistics (per-column tests, share of drifted columns)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-SAMPLE = 500
+# Imported with the module, not on the first check: Evidently's import costs seconds (a start-up cost).
+from evidently import Report
+from evidently.legacy.metrics.data_drift.embedding_drift_methods import model as domain_classifier
+from evidently.metrics import DriftedColumnsCount
+from evidently.presets import DataDriftPreset
+
+SAMPLE = 300
 
 
 @dataclass(frozen=True)
@@ -47,23 +54,20 @@ def _sample(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:SAMPLE]
 
 
-def check_drift(reference_images: torch.Tensor, reference_embeddings: torch.Tensor, images: torch.Tensor,
-                embeddings: torch.Tensor, threshold: float, stat_share: float, seed: int,
-                report_path: Path | None = None) -> DriftResult:
-    from evidently import Report
-    from evidently.legacy.metrics.data_drift.embedding_drift_methods import model as domain_classifier
-    from evidently.metrics import DriftedColumnsCount
-    from evidently.presets import DataDriftPreset
-
-    ref_idx, cur_idx = _sample(len(reference_images), seed), _sample(len(images), seed + 1)
-    ref_emb = pd.DataFrame(reference_embeddings[ref_idx].numpy())
-    cur_emb = pd.DataFrame(embeddings[cur_idx].numpy())
+def check_drift(reference_images: torch.Tensor, images: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor],
+                threshold: float, stat_share: float, seed: int, report_path: Path | None = None) -> DriftResult:
+    """Compare a sample of `images` with a sample of `reference_images`; `embed` maps images to features."""
+    ref_idx = _sample(len(reference_images), seed).to(reference_images.device)
+    cur_idx = _sample(len(images), seed + 1).to(images.device)
+    reference, current = reference_images[ref_idx], images[cur_idx]
+    ref_emb = pd.DataFrame(embed(reference).numpy())
+    cur_emb = pd.DataFrame(embed(current).numpy())
     ref_emb.columns = cur_emb.columns = [f"e{i}" for i in range(ref_emb.shape[1])]
     np.random.seed(seed)  # the domain classifier's split uses the global numpy RNG
     score, embedding_drift, _ = domain_classifier(threshold=threshold)(cur_emb, ref_emb)
 
-    ref_stats = image_statistics(reference_images[ref_idx.to(reference_images.device)])
-    cur_stats = image_statistics(images[cur_idx.to(images.device)])
+    ref_stats = image_statistics(reference)
+    cur_stats = image_statistics(current)
     metrics = [DriftedColumnsCount(drift_share=stat_share)]
     if report_path is not None:
         metrics.append(DataDriftPreset())

@@ -1,0 +1,124 @@
+"""The pipeline with every tool real: Prefect flow, MLflow tracking and registry, Evidently, outputs."""
+
+import csv
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY
+from permanence import build_config
+
+pytestmark = pytest.mark.pipeline
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def flows(prefect_harness):
+    spec = importlib.util.spec_from_file_location("flows_retrain_under_test", ROOT / "flows" / "retrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def study(flows, tmp_path_factory):
+    """One tiny study through the whole flow, drift 10 degrees per update."""
+    workdir = tmp_path_factory.mktemp("study")
+    config = build_config({}, TINY + ["study=tiny", "drift.delta=10"])
+    summary = flows.retraining_pipeline(config, results_dir=workdir / "results", store_dir=workdir / "mlruns")
+    return config, summary, workdir
+
+
+def _client(summary):
+    from mlflow import MlflowClient
+
+    return MlflowClient(summary["tracking_uri"])
+
+
+def test_run_has_one_metric_step_per_version(study):
+    config, summary, _ = study
+    client = _client(summary)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    for key in ("clean_acc", "asr", "ra", "train_seconds"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1, 2, 3]
+    for key in ("drift_score", "drift_detected"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3]
+    assert run.data.params["attack.name"] == "badnets" and run.data.params["update.updates"] == "3"
+
+
+def test_registry_has_one_version_per_model_version_and_production_on_newest(study):
+    config, summary, _ = study
+    client = _client(summary)
+    versions = client.search_model_versions(f"name='{config.study}'")
+    assert sorted(int(v.tags["update"]) for v in versions) == [0, 1, 2, 3]
+    newest = client.get_model_version_by_alias(config.study, "production")
+    assert newest.tags["update"] == "3" and int(newest.version) == max(int(v.version) for v in versions)
+    first = next(v for v in versions if v.tags["update"] == "0")
+    assert first.tags["poisoned"] == "true" and first.tags["attack"] == "badnets" and first.tags["policy"] == "finetune"
+    assert {"clean_acc", "asr", "drift_detected"} <= set(first.tags)
+
+
+def test_registered_weights_load_without_unpickling_code(study, flows):
+    config, summary, workdir = study
+    from permanence import Simulation
+    from permanence.adapters.mlflow_store import StudyStore
+
+    store = StudyStore(config, workdir / "mlruns")
+    production = store.client.get_model_version_by_alias(config.study, "production")
+    state = store.load_version(production.version)  # torch.load(weights_only=True) inside
+    model = Simulation(config).load_model(state)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    rows = list(csv.DictReader((workdir / "results" / "tiny" / "timeline.csv").open()))
+    assert model is not None and rows[-1]["model_version"] == str(production.version)
+
+
+def test_outputs_written(study):
+    config, summary, workdir = study
+    folder = workdir / "results" / "tiny"
+    rows = list(csv.DictReader((folder / "timeline.csv").open()))
+    assert [r["update"] for r in rows] == ["0", "1", "2", "3"]
+    for column in ("update", "drift", "poisoned", "clean_acc", "asr", "ra", "drift_score", "drift_detected", "model_version"):
+        assert column in rows[0]
+    saved = json.loads((folder / "summary.json").read_text())
+    assert saved["survivability"] == summary["survivability"] and "asr_injected" in saved
+    assert (folder / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    artifacts = {a.path for a in _client(summary).list_artifacts(summary["mlflow_run_id"])}
+    assert {"timeline.csv", "summary.json", "timeline.png"} <= artifacts
+
+
+def test_drift_is_flagged_at_default_drift(study):
+    _, _, workdir = study
+    rows = list(csv.DictReader((workdir / "results" / "tiny" / "timeline.csv").open()))
+    assert rows[0]["drift_detected"] == ""
+    assert [r["drift_detected"] for r in rows[1:]] == ["True", "True", "True"]
+
+
+def test_zero_drift_control_is_not_flagged(flows, tmp_path):
+    config = build_config({}, TINY + ["study=control", "drift.delta=0", "poisoning.inject=none"])
+    flows.retraining_pipeline(config, results_dir=tmp_path / "results", store_dir=tmp_path / "mlruns")
+    rows = list(csv.DictReader((tmp_path / "results" / "control" / "timeline.csv").open()))
+    assert [r["drift_detected"] for r in rows[1:]] == ["False", "False", "False"]
+    assert all(float(r["drift_score"]) < config.tracking.drift_threshold for r in rows[1:])
+
+
+def test_rerun_of_a_finished_study_starts_a_new_run_and_keeps_the_old_versions(flows, study):
+    config, summary, workdir = study
+    again = flows.retraining_pipeline(config, results_dir=workdir / "results", store_dir=workdir / "mlruns")
+    client = _client(summary)
+    versions = client.search_model_versions(f"name='{config.study}'")
+    assert again["mlflow_run_id"] != summary["mlflow_run_id"] and len(versions) == 8
+    assert client.get_model_version_by_alias(config.study, "production").run_id == again["mlflow_run_id"]
