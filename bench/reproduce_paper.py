@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--scale", choices=SCALES, default="small")
     parser.add_argument("--data-root", default="../shared/data", help="folder holding MNIST/raw")
     parser.add_argument("--seeds", type=int, help="number of seeds (default: 3 small, 5 paper)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run from here (to split a study across calls)")
     parser.add_argument("--policies", default="finetune,stlr,static")
     parser.add_argument("--injections", default="D0,D1")
     parser.add_argument("--attacks", default="badnets,blended,wanet")
@@ -97,7 +98,7 @@ def main() -> None:
     for attack in args.attacks.split(","):
         for injection in args.injections.split(","):
             for policy in args.policies.split(","):
-                results = [run_row(base, policy, injection, attack, seed, splits_cache, m0_cache) for seed in range(seeds)]
+                results = [run_row(base, policy, injection, attack, seed, splits_cache, m0_cache) for seed in range(args.first_seed, args.first_seed + seeds)]
                 surv = [t.survivability() for t, _ in results]
                 s_mean, s_std = mean_std(surv)
                 row = {
@@ -111,7 +112,7 @@ def main() -> None:
                 }
                 rows.append(row)
                 timelines += [{"policy": policy, "injection": injection, "attack": attack, "seed": seed, "seconds": s,
-                               "records": t.rows()} for seed, (t, s) in enumerate(results)]
+                               "records": t.rows()} for seed, (t, s) in enumerate(results, start=args.first_seed)]
                 print(f"{policy:9} {injection:3} {attack:8} {s_mean:9.2f} {s_std:5.2f} {row['asr_injected_mean']:8.3f} "
                       f"{row['clean_acc_final_mean']:9.3f} {row['clean_acc_m0_mean']:7.3f} {row['seconds_per_timeline_mean']:10.1f}",
                       flush=True)

@@ -59,7 +59,7 @@ def train(
     on_epoch: EpochCallback | None = None,
 ) -> float:
     """Train in place for `epochs`; returns the last epoch's mean loss. The scheduler steps per batch."""
-    forward = forward or model
+    forward = model if forward is None else forward
     model.train()
     n = len(y)
     steps = batches_per_epoch(n, batch_size, runtime)
