@@ -61,8 +61,14 @@ def check_drift(sim: Simulation, model, version: int, images, report_dir: Path |
 
 
 @task(**RETRIES)
-def update_and_evaluate(sim: Simulation, model, version: int, on_event: ProgressCallback | None):
-    return sim.step(model, version, on_event)
+def ingest(sim: Simulation, version: int):
+    """This update's incoming data: drifted, and poisoned where the schedule says."""
+    return sim.training_set(version)
+
+
+@task(**RETRIES)
+def update_and_evaluate(sim: Simulation, model, version: int, data, on_event: ProgressCallback | None):
+    return sim.step(model, version, on_event, data)
 
 
 @task(**RETRIES)
@@ -111,9 +117,9 @@ def retraining_pipeline(config: Config, results_dir: Path = Path("results"), sto
                 if model is None:
                     store.point_production_at(done[version - 1].registry_version)
                     model = load_production(store, version - 1, sim)
-                incoming = sim.training_set(version)
+                incoming = ingest(sim, version)
                 drift = check_drift(sim, model, version, incoming.x, report_dir) if config.tracking.drift_check else None
-                model, base = update_and_evaluate(sim, model, version, on_event)
+                model, base = update_and_evaluate(sim, model, version, incoming, on_event)
                 record = _record(base, drift)
             registry_version = register(store, record, model)
             row = {**record, "model_version": registry_version}

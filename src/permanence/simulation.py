@@ -180,10 +180,10 @@ class Simulation:
             "ra": accuracy(backdoored, true_labels),
         }
 
-    def step(self, model: Classifier | None, version: int, on_event: ProgressCallback | None = None
-             ) -> tuple[Classifier, VersionRecord]:
-        """Produce version `version` (train M0, or update `model`) and evaluate it."""
-        data = self.training_set(version)
+    def step(self, model: Classifier | None, version: int, on_event: ProgressCallback | None = None,
+             data: TrainingSet | None = None) -> tuple[Classifier, VersionRecord]:
+        """Produce version `version` (train M0, or update `model`) and evaluate it; `data` if already built."""
+        data = data if data is not None else self.training_set(version)
         started = time.perf_counter()
         if version == 0:
             model = self.train_initial(data, on_event)
