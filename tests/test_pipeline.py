@@ -122,3 +122,25 @@ def test_rerun_of_a_finished_study_starts_a_new_run_and_keeps_the_old_versions(f
     versions = client.search_model_versions(f"name='{config.study}'")
     assert again["mlflow_run_id"] != summary["mlflow_run_id"] and len(versions) == 8
     assert client.get_model_version_by_alias(config.study, "production").run_id == again["mlflow_run_id"]
+
+
+def test_transient_failure_is_retried_and_drift_reports_are_kept(flows, tmp_path, monkeypatch):
+    from permanence.adapters.mlflow_store import StudyStore
+
+    original = StudyStore.register_version
+    calls = {"failures": 0}
+
+    def flaky(self, record, state):
+        if record["version"] == 1 and calls["failures"] == 0:
+            calls["failures"] += 1
+            raise ConnectionError("tracking server hiccup")
+        return original(self, record, state)
+
+    monkeypatch.setattr(StudyStore, "register_version", flaky)
+    config = build_config({}, TINY + ["study=flaky", "update.updates=1", "tracking.drift_reports=true"])
+    summary = flows.retraining_pipeline(config, results_dir=tmp_path / "results", store_dir=tmp_path / "mlruns")
+    assert calls["failures"] == 1
+    client = _client(summary)
+    assert sorted(int(v.tags["update"]) for v in client.search_model_versions("name='flaky'")) == [0, 1]
+    reports = [a.path for a in client.list_artifacts(summary["mlflow_run_id"], "drift_reports")]
+    assert reports == ["drift_reports/drift_v001.html"]

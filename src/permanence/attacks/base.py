@@ -41,8 +41,13 @@ class Attack:
         """The trigger applied to uint8 images (N, C, H, W)."""
         raise NotImplementedError
 
+    def candidates(self, y: torch.Tensor) -> torch.Tensor:
+        """Which images may be poisoned: the non-target ones (dirty-label)."""
+        return y != self.target
+
     def choose(self, y: torch.Tensor, ratio: float, gen: torch.Generator) -> torch.Tensor:
-        candidates = (y != self.target).nonzero().squeeze(1).cpu()
+        """`ratio` of the whole set, drawn from the candidates (fewer if there are not enough)."""
+        candidates = self.candidates(y).nonzero().squeeze(1).cpu()
         count = min(len(candidates), round(ratio * len(y)))
         pick = candidates[torch.randperm(len(candidates), generator=gen)[:count]]
         return pick.to(y.device)

@@ -30,8 +30,6 @@ class SIG(Attack):
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return to_uint8(x.float() + self.signal(x.shape[-1], x.device))
 
-    def choose(self, y: torch.Tensor, ratio: float, gen: torch.Generator) -> torch.Tensor:
+    def candidates(self, y: torch.Tensor) -> torch.Tensor:
         # the poisoned images are taken from the target class and keep their (correct) labels
-        candidates = (y == self.target).nonzero().squeeze(1).cpu()
-        count = min(len(candidates), round(ratio * len(y)))
-        return candidates[torch.randperm(len(candidates), generator=gen)[:count]].to(y.device)
+        return y == self.target
