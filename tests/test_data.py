@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY
 from permanence import build_config
 from permanence.data import load_splits
 from permanence.errors import PermanenceError

@@ -24,9 +24,9 @@ def test_tiny_digits_timeline_has_one_record_per_version(timeline):
 
 def test_same_seed_gives_same_metrics_on_cpu(timeline):
     again = simulate(build_config({}, TINY))
-    for a, b in zip(timeline.records, again.records):
+    for a, b in zip(timeline.records, again.records, strict=True):
         assert (a.clean_acc, a.asr, a.ra) == (b.clean_acc, b.asr, b.ra)
-    assert all(torch.equal(x, y) for x, y in zip(timeline.states[-1].values(), again.states[-1].values()))
+    assert all(torch.equal(x, y) for x, y in zip(timeline.states[-1].values(), again.states[-1].values(), strict=True))
 
 
 def test_another_seed_gives_another_split():

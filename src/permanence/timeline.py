@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -70,7 +69,3 @@ class Timeline:
 
     def rows(self) -> list[dict[str, Any]]:
         return [r.as_dict() for r in self.records]
-
-
-def finite(value: float) -> float | None:
-    return None if value is None or math.isnan(value) else value

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from permanence.config import Config
-from permanence.timeline import VersionRecord
 
 DEFAULT_STORE = Path("mlruns")
 PRODUCTION = "production"
