@@ -64,6 +64,8 @@ class StudyStore:
         else:
             self.experiment_id = experiment.experiment_id
         self.run_id: str | None = None
+        self._artifact_uri: str | None = None
+        self._registered = False
 
     # --- the run --------------------------------------------------------------------------------
     def open_run(self) -> tuple[str, bool]:
@@ -118,10 +120,13 @@ class StudyStore:
     def _ensure_registered_model(self) -> None:
         from mlflow.exceptions import MlflowException
 
+        if self._registered:
+            return
         try:
             self.client.get_registered_model(self.name)
         except MlflowException:
             self.client.create_registered_model(self.name, description=f"Permanence study {self.name}")
+        self._registered = True
 
     def completed_versions(self) -> dict[int, CompletedVersion]:
         """This run's registered versions, by timeline version: the resume point."""
@@ -154,8 +159,9 @@ class StudyStore:
             "drift_detected": str(record.get("drift_detected")).lower(), "config_hash": self.hash,
             "record": json.dumps(record),
         }
-        run = self.client.get_run(self.run_id)
-        source = f"{run.info.artifact_uri}/{folder}"
+        if self._artifact_uri is None:
+            self._artifact_uri = self.client.get_run(self.run_id).info.artifact_uri
+        source = f"{self._artifact_uri}/{folder}"
         mv = self.client.create_model_version(self.name, source=source, run_id=self.run_id, tags=tags)
         self.client.set_registered_model_alias(self.name, PRODUCTION, mv.version)
         return mv.version
