@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -26,22 +25,16 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _project_root() -> Path:
-    for base in (Path(__file__).resolve().parents[2], Path.cwd()):
-        if (base / "flows" / "retrain.py").is_file():
-            return base
-    fail("flows/retrain.py: not found; run permanence from the project checkout")
-
-
 def _load_flow_module():
     import logging
 
+    from permanence.adapters.flow_loader import load_retrain_flow
+
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    path = _project_root() / "flows" / "retrain.py"
-    spec = importlib.util.spec_from_file_location("permanence_flows_retrain", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    try:
+        return load_retrain_flow()
+    except PermanenceError as err:
+        fail(str(err))
 
 
 def _fmt(value) -> str:
@@ -67,7 +60,7 @@ def simulate(
         cfg = load_config(config, overrides)
         from permanence.simulation import Simulation
 
-        Simulation(cfg)  # loads and checks data, attack and drift: bad input fails here, before any run exists
+        simulation = Simulation(cfg)  # loads and checks data, attack and drift: bad input fails before any run exists
     except PermanenceError as err:
         fail(str(err))
     flows = _load_flow_module()
@@ -90,7 +83,8 @@ def simulate(
             bars.update(versions, advance=1, info=f"v{row['version']}: acc {row['clean_acc']:.3f} asr {row['asr']:.3f}{flag}{note}")
 
         try:
-            summary = flows.retraining_pipeline(cfg, results_dir=results, store_dir=store, on_event=on_event, on_version=on_version)
+            summary = flows.retraining_pipeline(cfg, results_dir=results, store_dir=store, on_event=on_event, on_version=on_version,
+                                                   simulation=simulation)
         except PermanenceError as err:
             fail(str(err))
     _print_summary(summary, results / cfg.study)
@@ -110,7 +104,6 @@ def show(
     study: Annotated[Optional[str], typer.Option(help="study name (default: params.yaml's)")] = None,
     config: Annotated[Path, typer.Option("--config", "-c")] = Path("params.yaml"),
     results: Annotated[Path, typer.Option()] = Path("results"),
-    store: Annotated[Path, typer.Option()] = Path("mlruns"),
 ) -> None:
     """Print a study's timeline, and where its MLflow run and registered versions are."""
     from permanence.adapters.outputs import read_timeline_csv
@@ -140,10 +133,6 @@ def show(
 
         out.print(f"  registry: models:/{summary['registered_model']}@{PRODUCTION} -> version {rows[-1]['model_version']}; "
                   f"MLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']}")
-
-
-def main() -> None:  # pragma: no cover
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

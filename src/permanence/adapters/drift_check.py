@@ -36,7 +36,7 @@ class DriftResult:
 def image_statistics(images: torch.Tensor) -> pd.DataFrame:
     """Per-image statistics a data team would monitor: brightness, contrast, ink, centre of mass, orientation."""
     x = images.float().mean(1) / 255  # (N, H, W), grayscale
-    n, h, w = x.shape
+    h, w = x.shape[1:]
     ys = torch.arange(h, dtype=torch.float32, device=x.device).view(1, h, 1)
     xs = torch.arange(w, dtype=torch.float32, device=x.device).view(1, 1, w)
     mass = x.sum((1, 2)).clamp_min(1e-6)

@@ -46,13 +46,11 @@ class CompletedVersion:
 
 class StudyStore:
     def __init__(self, config: Config, store: Path = DEFAULT_STORE) -> None:
-        import mlflow
         from mlflow import MlflowClient
 
         self.config = config
         self.name = config.study
         self.uri = tracking_uri(store)
-        mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         self.hash = config_hash(config)
         experiment = self.client.get_experiment_by_name(self.name)
@@ -88,30 +86,21 @@ class StudyStore:
         self.client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in params])
         return self.run_id, False
 
-    def finished_run(self) -> str | None:
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.config_hash = '{self.hash}' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"], max_results=1,
-        )
-        return runs[0].info.run_id if runs else None
-
     def end_run(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
 
     def log_step(self, record: dict[str, Any]) -> None:
-        """Log one version's metrics at step=version, skipping any already logged (resume-safe)."""
+        """Log one version's metrics at step=version, in one batch."""
         from mlflow.entities import Metric
 
         step = int(record["version"])
-        logged = {m.key for m in self.client.get_metric_history(self.run_id, "clean_acc") if m.step == step}
-        if logged:
-            return
         metrics = [Metric(key, float(record[key]), 0, step) for key in METRICS if record.get(key) is not None]
         self.client.log_batch(self.run_id, metrics=metrics)
 
-    def logged_steps(self, key: str = "clean_acc") -> list[int]:
-        return sorted(m.step for m in self.client.get_metric_history(self.run_id, key))
+    def logged_steps(self) -> set[int]:
+        """Steps whose metrics this run already holds (a batch is all or nothing, so one key tells)."""
+        return {m.step for m in self.client.get_metric_history(self.run_id, "clean_acc")}
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
@@ -184,5 +173,6 @@ class StudyStore:
 
         mv = self.client.get_model_version(self.name, registry_version)
         with tempfile.TemporaryDirectory() as tmp:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{mv.source}/{WEIGHTS}", dst_path=tmp)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{mv.source}/{WEIGHTS}", dst_path=tmp,
+                                                        tracking_uri=self.uri)
             return torch.load(local, weights_only=True, map_location="cpu")
