@@ -3,6 +3,8 @@ the full Prefect flow (MLflow tracking and registry, Evidently drift checks, out
 
     python bench/overhead.py --data-root ../shared/data     # MNIST subset (digits if no root is given)
 
+Run it in the project's environment (`make install`).
+
 One-time start-up costs are measured and printed but not counted: importing the tools, starting Prefect's
 embedded server, creating a new MLflow database. Everything after that is counted, data loading included
 on both sides. The last line is `overhead_ratio=<full/core>`.
@@ -12,13 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 
 def main() -> None:
@@ -32,11 +30,9 @@ def main() -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
     started = time.perf_counter()
-    import importlib.util
+    from permanence.adapters.flow_loader import load_retrain_flow
 
-    spec = importlib.util.spec_from_file_location("flows_retrain", ROOT / "flows" / "retrain.py")
-    flows = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(flows)
+    flows = load_retrain_flow()  # first: it sets Prefect's home and log level before prefect is imported
     from prefect import flow
 
     from permanence import build_config, simulate

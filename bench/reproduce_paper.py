@@ -3,6 +3,9 @@
     python bench/reproduce_paper.py --scale small --data-root ../shared/data            # CPU, < 30 min
     python bench/reproduce_paper.py --scale paper --data-root ../shared/data --seeds 1  # GPU
 
+Run it in the project's environment (`make install`), or with PYTHONPATH=src on a machine that has
+only torch, torchvision, pydantic and pyyaml (the core needs nothing else).
+
 M0 depends only on (seed, attack, whether D0 is poisoned), not on the policy, so each M0 is trained once
 and every policy starts from a copy of it. Each row's `seconds` counts its M0 training plus its updates.
 """
@@ -12,16 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
-
-from permanence import Simulation, build_config  # noqa: E402
-from permanence.data import load_splits  # noqa: E402
-from permanence.simulation import resolve_device, state_on_cpu  # noqa: E402
-from permanence.timeline import Timeline  # noqa: E402
+from permanence import Simulation, build_config
+from permanence.data import load_splits
+from permanence.simulation import resolve_device, state_on_cpu
+from permanence.timeline import Timeline
 
 SCALES = {
     # CPU: a 4,000-image subset of MNIST, the small CNN, 8 updates x 2 epochs (batch 64), 3 seeds

@@ -76,11 +76,10 @@ def test_prefect_home_defaults_into_the_project(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["HOME"] = str(tmp_path)
     code = (
-        "import importlib.util, sys; spec = importlib.util.spec_from_file_location('f', sys.argv[1]); "
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+        "from permanence.adapters.flow_loader import load_retrain_flow; load_retrain_flow(); "
         "from prefect.settings import PREFECT_HOME; print(PREFECT_HOME.value())"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "flows" / "retrain.py")], env=env,
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
                          capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     assert Path(out) == ROOT / ".prefect"
     assert ".prefect/" in (ROOT / ".gitignore").read_text().split()

@@ -1,10 +1,8 @@
 """The pipeline with every tool real: Prefect flow, MLflow tracking and registry, Evidently, outputs."""
 
 import csv
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +11,6 @@ from conftest import TINY
 from permanence import build_config
 
 pytestmark = pytest.mark.pipeline
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -27,10 +24,9 @@ def prefect_harness(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def flows(prefect_harness):
-    spec = importlib.util.spec_from_file_location("flows_retrain_under_test", ROOT / "flows" / "retrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from permanence.adapters.flow_loader import load_retrain_flow
+
+    return load_retrain_flow()
 
 
 @pytest.fixture(scope="session")
