@@ -54,7 +54,7 @@ def check_drift(sim: Simulation, model, version: int, images, report_dir: Path |
     cfg = sim.config.tracking
     reference = sim.splits.d0_x  # the clean reference distribution (D0 before poisoning)
     report = report_dir / f"drift_v{version:03d}.html" if report_dir else None
-    return evidently_check(reference, images, lambda x: embed(model, x, sim.runtime), threshold=cfg.drift_threshold,
+    return evidently_check(reference, images, lambda x: embed(model, x, sim.runtime, sim.eval_batch_size), threshold=cfg.drift_threshold,
                            stat_share=cfg.stat_drift_share, seed=sim.config.seed + version, report_path=report)
 
 

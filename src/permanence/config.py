@@ -135,7 +135,8 @@ class UpdateConfig(Section):
 
 class EvalConfig(Section):
     alpha: float = Field(0.5, gt=0, le=1, description="ASR threshold of alpha-survivability")
-    batch_size: int = Field(1024, ge=1)
+    batch_size: int | None = Field(
+        None, ge=1, description="None: 64 on the CPU (its caches favour small batches), 1024 on CUDA")
 
 
 class RuntimeConfig(Section):
