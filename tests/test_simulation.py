@@ -129,3 +129,13 @@ def test_summary_fields(timeline):
 def test_clean_control_has_no_survivability():
     tl = simulate(build_config({}, TINY + ["poisoning.inject=none", "update.updates=1"]), keep_states=False)
     assert tl.survivability() is None and not any(r.poisoned for r in tl.records)
+
+
+def test_eval_batch_size_defaults_by_device_and_honours_an_explicit_value():
+    assert Simulation(build_config({}, TINY + ["runtime.device=cpu"])).eval_batch_size == 64
+    assert Simulation(build_config({}, TINY + ["runtime.device=cpu", "eval.batch_size=300"])).eval_batch_size == 300
+
+
+def test_cpu_runtime_uses_channels_last():
+    sim = Simulation(build_config({}, TINY + ["runtime.device=cpu"]))
+    assert sim.new_model().features[2][0].weight.is_contiguous(memory_format=torch.channels_last)
