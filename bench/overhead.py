@@ -13,7 +13,9 @@ on both sides. The last line is `overhead_ratio=<full/core>`.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="permanence-overhead-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # registered before prefect's, so it runs after
     os.environ["PREFECT_HOME"] = str(workdir / "prefect")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
