@@ -23,8 +23,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 from permanence import Simulation, build_config
 from permanence.simulation import resolve_device, state_on_cpu
 from permanence.timeline import Timeline
@@ -59,8 +57,6 @@ def row_config(base: list[str], policy: str, injection: str, attack: str, seed: 
 
 def run_job(job: dict) -> list[dict]:
     """Train one M0, then every timeline that starts from it; returns one result per (policy, injection, attack)."""
-    if job["threads"]:
-        torch.set_num_threads(job["threads"])
     results, splits, m0 = [], None, None
     for policy, injection, attack in job["rows"]:
         config = row_config(job["base"], policy, injection, attack, job["seed"])
@@ -85,7 +81,7 @@ def run_job(job: dict) -> list[dict]:
     return results
 
 
-def jobs_for(args, base: list[str], seeds: range, threads: int | None) -> list[dict]:
+def jobs_for(args, base: list[str], seeds: range) -> list[dict]:
     """One job per M0: (seed, attack) when D0 is poisoned, (seed, clean) shared by every D1 row."""
     groups: dict[tuple, list] = {}
     for seed in seeds:
@@ -94,7 +90,7 @@ def jobs_for(args, base: list[str], seeds: range, threads: int | None) -> list[d
                 for policy in args.policies.split(","):
                     key = (seed, attack if injection == "D0" else "clean")
                     groups.setdefault(key, []).append((policy, injection, attack))
-    jobs = [{"seed": seed, "rows": rows, "base": base, "threads": threads} for (seed, _), rows in groups.items()]
+    jobs = [{"seed": seed, "rows": rows, "base": base} for (seed, _), rows in groups.items()]
     return sorted(jobs, key=lambda job: -len(job["rows"]))  # longest first, for a balanced pool
 
 
@@ -123,12 +119,13 @@ def main() -> None:
     seeds = range(args.first_seed, args.first_seed + (args.seeds or scale["seeds"]))
     device = resolve_device(args.device)
     workers = args.workers or (1 if device.type == "cuda" else len(os.sched_getaffinity(0)))
+    threads = ["runtime.threads=1"] if workers > 1 else []
     base = ["data.name=mnist", f"data.root={args.data_root}", f"runtime.device={args.device}", "study=reproduce_paper",
-            *scale["overrides"], *args.set]
+            *scale["overrides"], *threads, *args.set]
     row_config(base, "finetune", "D0", "badnets", seeds[0])  # bad --set values fail here, in one line
-    jobs = jobs_for(args, base, seeds, threads=1 if workers > 1 else None)
+    jobs = jobs_for(args, base, seeds)
     print(f"# scale={args.scale} seeds={len(seeds)} device={device} workers={workers} "
-          f"overrides: {' '.join(scale['overrides'] + args.set)}", flush=True)
+          f"overrides: {' '.join(scale['overrides'] + threads + args.set)}", flush=True)
 
     started = time.perf_counter()
     done: list[dict] = []

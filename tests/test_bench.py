@@ -21,7 +21,7 @@ def bench():
 
 def test_jobs_share_m0_by_seed_and_poisoned_d0(bench):
     args = argparse.Namespace(attacks="badnets,wanet", injections="D0,D1", policies="finetune,stlr,static")
-    jobs = bench.jobs_for(args, base=[], seeds=range(2), threads=1)
+    jobs = bench.jobs_for(args, base=[], seeds=range(2))
     assert len(jobs) == 2 * (2 + 1), "per seed: one poisoned M0 per attack, one clean M0 for every D1 row"
     for job in jobs:
         injections = {injection for _, injection, _ in job["rows"]}
@@ -37,7 +37,7 @@ def test_jobs_share_m0_by_seed_and_poisoned_d0(bench):
 def test_a_job_starts_every_policy_from_one_m0(bench, injection):
     base = ["data.name=digits", "runtime.device=cpu", *TINY, "update.updates=2"]
     rows = [("finetune", injection, "badnets"), ("static", injection, "badnets")]
-    results = bench.run_job({"seed": 0, "rows": rows, "base": base, "threads": None})
+    results = bench.run_job({"seed": 0, "rows": rows, "base": base})
     finetune, static = results
     assert finetune["records"][0] == static["records"][0]
     assert finetune["records"][0]["poisoned"] is (injection == "D0")

@@ -72,10 +72,9 @@ class Simulation:
         )
         self.policy = POLICIES.get(config.update.policy, "update.policy")
         on_cuda = self.device.type == "cuda"
-        # channels_last on the CPU too: oneDNN's convolutions run 25-35% faster in it (bench/cpu_step.py);
-        # bf16 only on CUDA, the CPU's bf16 kernels are ~10x slower than fp32 here.
+        # bf16 only on CUDA: the CPU's bf16 kernels are ~10x slower than fp32 here
         self.runtime = Runtime(
-            self.device, self.splits.mean, self.splits.std, bf16=on_cuda, channels_last=True,
+            self.device, self.splits.mean, self.splits.std, bf16=on_cuda,
             drop_ragged=config.runtime.compile and on_cuda,
         )
         # oneDNN runs a batch of 64 twice as fast per image as one of 1024 on this project's CPU (bench/cpu_step.py)

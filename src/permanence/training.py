@@ -1,5 +1,6 @@
 """The training loop: data stays on the device as uint8, batches are sliced from a seeded permutation,
-normalised on the fly, and trained with bf16 autocast and channels_last where the runtime says so."""
+normalised on the fly, in channels_last (faster on CUDA and with oneDNN on the CPU), with bf16 autocast where the
+runtime says so."""
 
 from __future__ import annotations
 
@@ -19,12 +20,11 @@ class Runtime:
     mean: torch.Tensor
     std: torch.Tensor
     bf16: bool
-    channels_last: bool
     drop_ragged: bool = False  # fixed batch shapes, for torch.compile
 
     @property
     def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
+        return torch.channels_last
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float().div_(255).sub_(self.mean.view(1, -1, 1, 1)).div_(self.std.view(1, -1, 1, 1))
