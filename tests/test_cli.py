@@ -28,7 +28,7 @@ def _unknown_key(tmp_path: Path) -> str:
 
 BAD_INPUTS = {
     "unknown attack": (["--set", "attack.name=trojannn"], r"attack\.name: unknown attack 'trojannn'; allowed: badnets, blended, sig, wanet"),
-    "unknown policy": (["--set", "update.policy=yolo"], r"update\.policy: unknown policy 'yolo'; allowed: finetune, retrain, static, stlr"),
+    "unknown policy": (["--set", "update.policy=yolo"], r"update\.policy: unknown policy 'yolo'; allowed: ewc, fine_pruning, finetune, fst, ft_sam, replay, retrain, static, stlr"),
     "unknown dataset": (["--set", "data.name=imagenet"], r"data\.name: unknown dataset 'imagenet'; allowed: cifar10, digits"),
     "unknown model": (["--set", "model.name=gpt"], r"model\.name: unknown model 'gpt'"),
     "ratio above 1": (["--set", "attack.ratio=1.2"], r"attack\.ratio: Input should be less than or equal to 1 \(got 1\.2\)"),

@@ -126,11 +126,11 @@ def test_transient_failure_is_retried_and_drift_reports_are_kept(flows, tmp_path
     original = StudyStore.register_version
     calls = {"failures": 0}
 
-    def flaky(self, record, state):
+    def flaky(self, record, *args):
         if record["version"] == 1 and calls["failures"] == 0:
             calls["failures"] += 1
             raise ConnectionError("tracking server hiccup")
-        return original(self, record, state)
+        return original(self, record, *args)
 
     monkeypatch.setattr(StudyStore, "register_version", flaky)
     config = build_config({}, TINY + ["study=flaky", "update.updates=1", "tracking.drift_reports=true"])

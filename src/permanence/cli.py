@@ -25,14 +25,14 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _load_flow_module():
+def _load_flow_module(name: str = "retrain"):
     import logging
 
-    from permanence.adapters.flow_loader import load_retrain_flow
+    from permanence.adapters.flow_loader import load_flow
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
-        return load_retrain_flow()
+        return load_flow(name)
     except PermanenceError as err:
         fail(str(err))
 
@@ -64,7 +64,13 @@ def simulate(
     except PermanenceError as err:
         fail(str(err))
     flows = _load_flow_module()
+    from permanence.adapters.mlflow_store import StudyLock, tracking_uri
     from permanence.simulation import EpochEnd
+
+    try:
+        StudyLock(tracking_uri(store), cfg.study).check_free()
+    except PermanenceError as err:
+        fail(str(err))
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}")]
@@ -133,6 +139,146 @@ def show(
 
         out.print(f"  registry: models:/{summary['registered_model']}@{PRODUCTION} -> version {rows[-1]['model_version']}; "
                   f"MLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']}")
+
+
+def _check_scheduler(address: str, timeout: float = 5.0) -> None:
+    """Fail in one line, before anything is written, when no Dask scheduler answers at `address`."""
+    import logging
+
+    import distributed
+
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+    try:
+        with distributed.Client(address, timeout=f"{timeout}s", set_as_default=False) as client:
+            workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    except (OSError, TimeoutError, ValueError) as err:
+        fail(f"--address {address}: no Dask scheduler answered within {timeout:.0f} s ({type(err).__name__})")
+    if workers == 0:
+        console.print(f"[yellow]note:[/] the scheduler at {address} has no workers yet; timelines wait for one")
+
+
+def _dry_run(sweep) -> None:
+    from permanence.sweep import m0_key
+
+    table = Table(title=f"sweep {sweep.name}: {len(sweep.timelines)} timelines", header_style="bold")
+    for name in ["#", *sweep.axes, "seed", "study", "M0"]:
+        table.add_column(name)
+    m0s: dict[str, int] = {}
+    for index, timeline in enumerate(sweep.timelines):
+        m0 = m0s.setdefault(m0_key(timeline.config), len(m0s))
+        values = ["(control)" if timeline.control else _fmt(timeline.values.get(a)) for a in sweep.axes]
+        table.add_row(str(index), *values, str(timeline.seed), timeline.study, f"M0-{m0}")
+    out.print(table)
+    shares = {}
+    for timeline in sweep.timelines:
+        shares.setdefault(m0s[m0_key(timeline.config)], []).append(timeline)
+    for m0, members in shares.items():
+        first = members[0].config
+        poisoned = f"{first.attack.name} in D0" if first.poisoning.inject == "d0" else "clean D0"
+        out.print(f"M0-{m0}: seed {first.seed}, {first.model.name} on {first.data.name}, {poisoned}: "
+                  f"shared by {len(members)} timelines")
+    out.print(f"{len(m0s)} M0s trained once each for {len(sweep.timelines)} timelines")
+
+
+@app.command()
+def sweep(
+    file: Annotated[Path, typer.Argument(help="sweep file (sweeps/*.yaml)")],
+    set_: Annotated[list[str], typer.Option("--set", "-s", help="override for every cell: key.sub=value (not an axis)")] = [],
+    seeds: Annotated[Optional[int], typer.Option(help="run seeds 0..N-1 instead of the file's")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="local cluster: worker processes (default: one per core)")] = None,
+    address: Annotated[Optional[str], typer.Option(envvar="DASK_SCHEDULER_ADDRESS",
+                                                   help="an existing Dask scheduler, tcp://HOST:PORT")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the timelines and the M0s they share; run nothing")] = False,
+    results: Annotated[Path, typer.Option(help="folder for results/<sweep>/")] = Path("results"),
+    store: Annotated[Path, typer.Option(help="local MLflow store (ignored if MLFLOW_TRACKING_URI is set)")] = Path("mlruns"),
+    progress: Annotated[bool, typer.Option(help="show the live view")] = True,
+) -> None:
+    """Run (or resume) a grid of timelines on Dask through Prefect and write the comparison."""
+    import os
+
+    from permanence.sweep import load_sweep
+
+    if address and not dry_run:
+        _check_scheduler(address)  # first: an address that does not answer is told within seconds
+    try:
+        if workers is not None and workers < 1:
+            raise PermanenceError(f"--workers: must be >= 1 (got {workers})")
+        spec = load_sweep(file, set_, seeds)
+    except PermanenceError as err:
+        fail(str(err))
+    if dry_run:
+        _dry_run(spec)
+        return
+    flows = _load_flow_module("sweep")
+    from rich.progress import TimeRemainingColumn
+
+    from permanence.adapters.mlflow_store import StudyLock, tracking_uri
+
+    try:
+        StudyLock(tracking_uri(store), spec.name, "sweep").check_free()
+    except PermanenceError as err:
+        fail(str(err))
+
+    from permanence.adapters.prefect_api import LocalCallback, shared_api
+
+    workers = workers or len(os.sched_getaffinity(0))
+    import logging
+
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")  # the local cluster's workers read it at start
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    where = address or f"a local cluster of {workers} single-thread workers"
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()]
+    with shared_api(), Progress(*columns, console=console, disable=not progress, transient=False) as bars:
+        bar = bars.add_task(f"{spec.name} timelines", total=len(spec.timelines), info="starting " + where)
+
+        def on_progress(p) -> None:
+            info = f"running {p.running}, left {p.left}" + (f", failed {p.failed}" if p.failed else "") + \
+                   (f", {p.skipped} done before" if p.skipped else "") + f"; M0s {p.m0_done}/{p.m0_total}"
+            bars.update(bar, completed=p.done, info=info)
+
+        try:
+            summary = flows.policy_sweep.with_options(task_runner=flows.task_runner(workers, address))(
+                spec, store_dir=store, results_dir=results, on_progress=LocalCallback(on_progress))
+        except PermanenceError as err:
+            fail(str(err))
+    _print_sweep(summary)
+
+
+def _print_sweep(summary: dict) -> None:
+    files = summary["files"]
+    if "markdown" in files:
+        out.print(Path(files["markdown"]).read_text(), soft_wrap=True, highlight=False)
+    out.print(f"[bold]{summary['sweep']}[/]: {summary['timelines']} timelines ({summary['finished_before']} finished "
+              f"before); comparison in {Path(files['cells']).parent if files else '-'}/")
+    out.print(f"  MLflow: parent run {summary['parent_run_id']} at {summary['tracking_uri']} "
+              f"(mlflow ui --backend-store-uri {summary['tracking_uri']})", soft_wrap=True)
+    problems = {**summary["failures"], **{s: "no finished run" for s in summary["missing"] if s not in summary["failures"]}}
+    for study, error in problems.items():
+        console.print(f"[bold red]failed:[/] {study}: {error}", highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def compare(
+    name: Annotated[Optional[str], typer.Argument(help="a finished sweep's name (its MLflow experiment)")] = None,
+    studies: Annotated[list[str], typer.Option("--study", help="compare these studies instead (repeatable)")] = [],
+    results: Annotated[Path, typer.Option(help="folder for results/<name>/")] = Path("results"),
+    store: Annotated[Path, typer.Option(help="local MLflow store (ignored if MLFLOW_TRACKING_URI is set)")] = Path("mlruns"),
+    out_name: Annotated[str, typer.Option("--name", help="with --study: the comparison's folder name")] = "comparison",
+) -> None:
+    """Re-render a sweep's comparison (or one of several studies) from MLflow, without running anything."""
+    from permanence.adapters.studies import compare_studies, compare_sweep
+
+    if (name is None) == (not studies):
+        fail("compare: give a sweep name or one or more --study, not both")
+    try:
+        files = compare_sweep(name, store, results) if name else compare_studies(studies, store, results, out_name)
+    except PermanenceError as err:
+        fail(str(err))
+    out.print(Path(files["markdown"]).read_text(), soft_wrap=True, highlight=False)
+    out.print(f"comparison written to {Path(files['cells']).parent}/")
 
 
 if __name__ == "__main__":  # pragma: no cover

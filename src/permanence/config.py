@@ -13,7 +13,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from permanence.attacks import ATTACKS
+from permanence.data import DATASETS
+from permanence.drift import DRIFTS
 from permanence.errors import PermanenceError
+from permanence.models import MODELS
+from permanence.policies import POLICIES
 
 
 class Section(BaseModel):
@@ -35,8 +40,6 @@ class DataConfig(Section):
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, name: str) -> str:
-        from permanence.data import DATASETS
-
         DATASETS.get(name, "data.name")
         return name
 
@@ -51,8 +54,6 @@ class DriftConfig(Section):
     @field_validator("kind")
     @classmethod
     def _known_drift(cls, kind: str) -> str:
-        from permanence.drift import DRIFTS
-
         DRIFTS.get(kind, "drift.kind")
         return kind
 
@@ -68,8 +69,6 @@ class AttackConfig(Section):
     @field_validator("name")
     @classmethod
     def _known_attack(cls, name: str) -> str:
-        from permanence.attacks import ATTACKS
-
         ATTACKS.get(name, "attack.name")
         return name
 
@@ -94,8 +93,6 @@ class ModelConfig(Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        from permanence.models import MODELS
-
         MODELS.get(name, "model.name")
         return name
 
@@ -112,8 +109,50 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
+class FSTConfig(Section):
+    """Feature shift tuning (Min et al. 2023): the head is re-initialised and pushed away from the old one."""
+
+    alpha: float = Field(0.2, ge=0, description="weight of the inner product <W, W_previous> of the logit-scaled heads (Min et al.: 0.2)")
+    lr: float = Field(0.01, gt=0, description="peak lr of FST's cosine schedule")
+    # measured on digits defaults: 5 epochs after the re-initialisation leave clean accuracy at 0.75-0.95, 10 at 0.95-0.98
+    epochs: int | None = Field(None, ge=1, description="None: update.epochs (Min et al. tune for 10)")
+
+
+class FTSAMConfig(Section):
+    """Fine-tuning with sharpness-aware minimisation (Zhu et al. 2023)."""
+
+    rho: float = Field(2.0, gt=0, description="radius of the weight perturbation (BackdoorBench's ft-sam: 2)")
+    adaptive: bool = Field(True, description="adaptive SAM (ASAM: the perturbation scales with |w|), the setting in which rho ~ 2 makes sense")
+    lr: float = Field(0.01, gt=0, description="peak lr of FT-SAM's cosine schedule (BackdoorBench's ft-sam: 0.01)")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="BackdoorBench's ft-sam: 0.1")
+
+
+class FinePruningConfig(Section):
+    """Fine-pruning (Liu et al. 2018): prune the last convolutional block's least active channels, then fine-tune."""
+
+    ratio: float = Field(0.2, ge=0, lt=1, description="share of the last block's channels pruned by each update (cumulative)")
+    max_acc_drop: float = Field(0.05, ge=0, le=1, description="stop pruning before accuracy on the update data falls more than this below its value at the start of the update's pruning")
+
+
+class ReplayConfig(Section):
+    """Experience replay: fine-tune on the update data plus a reservoir sample of everything ingested before."""
+
+    buffer: int = Field(500, ge=1, description="most images the replay buffer holds")
+
+
+class EWCConfig(Section):
+    """Elastic weight consolidation (Kirkpatrick et al. 2017) against the previous version."""
+
+    # SGD with momentum m stays stable while update.lr * weight * max(Fisher) < 2 (1 + m)
+    weight: float = Field(100.0, ge=0, description="lambda: strength of the Fisher-weighted pull towards the previous version")
+    samples: int = Field(512, ge=1, description="images of the previous version's training set used to estimate the Fisher")
+
+
 class UpdateConfig(Section):
     policy: str = "finetune"
+    trigger: Literal["always", "drift"] = Field(
+        "always", description="always: every scheduled update runs; drift: only when the incoming data drifted from the "
+        "data the production version was last trained on (a pipeline feature: needs tracking.drift_check)")
     updates: int = Field(15, ge=0, description="number of scheduled updates after M0")
     epochs: int = Field(5, ge=1)
     lr: float = Field(0.01, gt=0, description="finetune's constant lr")
@@ -123,12 +162,15 @@ class UpdateConfig(Section):
     batch_size: int = Field(128, ge=1)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
+    fst: FSTConfig = FSTConfig()
+    ft_sam: FTSAMConfig = FTSAMConfig()
+    fine_pruning: FinePruningConfig = FinePruningConfig()
+    replay: ReplayConfig = ReplayConfig()
+    ewc: EWCConfig = EWCConfig()
 
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, policy: str) -> str:
-        from permanence.policies import POLICIES
-
         POLICIES.get(policy, "update.policy")
         return policy
 
@@ -137,6 +179,20 @@ class EvalConfig(Section):
     alpha: float = Field(0.5, gt=0, le=1, description="ASR threshold of alpha-survivability")
     batch_size: int | None = Field(
         None, ge=1, description="None: 64 on the CPU (its caches favour small batches), 1024 on CUDA")
+    # dormancy probes, per version, each beside the same probe on a never-poisoned baseline
+    retune: bool = Field(False, description="re-tuning probe (Min et al. 2024): P-ASR after fine-tuning on clean + a few poisoned images")
+    retune_clean: int = Field(1000, ge=10, description="clean images of the re-tuning set (capped at the update pool)")
+    retune_poisoned: int = Field(5, ge=1, description="poisoned images per 1,000 clean ones in the re-tuning set (at least 1)")
+    retune_epochs: int = Field(5, ge=1, description="re-tuning epochs (the paper's 5)")
+    retune_lr: float = Field(0.01, gt=0, description="re-tuning SGD lr (the paper's 0.01; momentum 0.9, weight decay 5e-4)")
+    reactivate: bool = Field(False, description="re-activation probe (Zhu et al. 2024): the trigger plus one universal PGD perturbation")
+    # 0.05 (12 of 255 levels): on digits the baseline's trigger + perturbation stays <= 0.04 ASR at versions 0, 5, 10 and 15 of the
+    # default timeline, while version 15 (ASR 0.48) goes back to 0.86; at 0.15 the baseline alone reaches 0.30
+    reactivate_eps: float = Field(0.05, ge=1 / 255, le=1, description="L-infinity budget of the universal perturbation, in [0, 1] pixel units (at least one level, 1/255)")
+    # 20: on digits 10, 20 and 30 steps gave the same re-activated ASR within 0.01, at 1/3, 2/3 and all of the cost
+    reactivate_steps: int = Field(20, ge=1, description="PGD steps (step size 2.5 * eps / steps)")
+    bec: bool = Field(False, description="backdoor existence coefficient: 1 = represents clean and triggered images like the backdoored model, 0 = like the baseline")
+    probe_images: int = Field(500, ge=10, description="images the re-activation and BEC probes optimise or compare on")
 
 
 class RuntimeConfig(Section):
@@ -181,6 +237,13 @@ class Config(Section):
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}", study):
             raise ValueError("must be an identifier: letters, digits, '_' or '-', starting with a letter or '_'")
         return study
+
+    @model_validator(mode="after")
+    def _drift_trigger_needs_drift_check(self) -> Config:
+        if self.update.trigger == "drift" and not self.tracking.drift_check:
+            raise ValueError("update.trigger: drift needs tracking.drift_check=true (the check decides each update); "
+                             "allowed with drift_check=false: always")
+        return self
 
     @model_validator(mode="after")
     def _poisoning_within_timeline(self) -> Config:

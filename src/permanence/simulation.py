@@ -7,15 +7,17 @@ Every random draw comes from (seed, purpose, version), so a resumed run equals a
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from permanence.attacks import build_attack
 from permanence.config import Config
 from permanence.data import Splits, load_splits
+from permanence.dormancy import PROBES, ProbeInputs, ProbeModels, run_probes
 from permanence.drift import DRIFTS, drift_parameter
 from permanence.errors import PermanenceError
 from permanence.metrics import accuracy, attack_success_rate
@@ -60,6 +62,9 @@ class Simulation:
         if config.runtime.threads:
             torch.set_num_threads(config.runtime.threads)
         self.splits = splits if splits is not None else load_splits(config, self.device)
+        if config.attack.target >= self.splits.num_classes:
+            raise PermanenceError(f"attack.target: {config.attack.target} is not a class of {config.data.name} "
+                                  f"(0..{self.splits.num_classes - 1})")
         self.drift = DRIFTS.get(config.drift.kind, "drift.kind")
         if self.drift.needs_color and self.splits.is_grayscale:
             raise PermanenceError(
@@ -172,20 +177,72 @@ class Simulation:
         victims = x[self._non_target]
         return x, self.splits.test_y, self.attack.apply(victims), self.splits.test_y[self._non_target]
 
-    def evaluate(self, model: Classifier, version: int) -> dict[str, float]:
+    def evaluate(self, model: Classifier, version: int, probes: ProbeModels | None = None) -> dict[str, float]:
+        """Clean accuracy, ASR and RA; plus the enabled dormancy probes' numbers when `probes` is given."""
         x, y, triggered, true_labels = self.test_sets(version)
         batch = self.eval_batch_size
         clean = predict(model, x, self.runtime, batch)
         backdoored = predict(model, triggered, self.runtime, batch)
-        return {
+        metrics = {
             "clean_acc": accuracy(clean, y),
             "asr": attack_success_rate(backdoored, self.config.attack.target),
             "ra": accuracy(backdoored, true_labels),
         }
+        if probes is not None:
+            metrics.update(self.run_probes(model, version, probes))
+        return metrics
+
+    # --- the dormancy probes ------------------------------------------------------------------
+    @property
+    def probes_enabled(self) -> list[str]:
+        """The registered probes switched on in `eval` (a probe's name is its flag there)."""
+        return [name for name in PROBES if getattr(self.config.eval, name, False)]
+
+    def baseline_config(self) -> Config:
+        """This study never poisoned (same seed, data, model and recipes): its M0 is the probes' baseline."""
+        raw = self.config.model_dump()
+        raw["poisoning"] = {**raw["poisoning"], "inject": "none"}
+        return Config.model_validate(raw)
+
+    def train_baseline(self) -> Classifier:
+        """The never-poisoned M0: the weights of the M0 of `baseline_config()`'s study (a sweep's clean control)."""
+        s = self.splits
+        unpoisoned = torch.zeros(len(s.d0_y), dtype=torch.bool, device=s.d0_y.device)
+        return self.train_initial(TrainingSet(0, s.d0_x, s.d0_y, unpoisoned, 0.0))
+
+    def probe_inputs(self, version: int, probes: ProbeModels) -> ProbeInputs:
+        """Clean images: the whole update pool (even with `data.update_data=slice`) at the version's drift, drawn
+        with its own purpose string, never the test set; evaluation images: the version's drifted test set."""
+        s = self.splits
+        return ProbeInputs(
+            trigger=self.attack.apply, target=self.config.attack.target,
+            clean_x=self._drift(s.pool_x, version, "probe-drift"), clean_y=s.pool_y,
+            eval_x=self._drift(s.test_x, version, "test-drift"), eval_y=s.test_y,
+            runtime=self.runtime, batch_size=self.config.update.batch_size,
+            gen_seed=derive_seed(self.config.seed, "probe", version),
+            baseline=probes.baseline, reference=probes.reference, settings=self.config.eval,
+            eval_batch_size=self.eval_batch_size,
+        )
+
+    def run_probes(self, model: Classifier, version: int, probes: ProbeModels) -> dict[str, float]:
+        """The enabled probes' numbers for this version (none if no probe is enabled); `model` is not modified.
+
+        A poisoned version is its own reference; bec is left out while there is no reference (before any poisoning).
+        """
+        names = self.probes_enabled
+        if not names:
+            return {}
+        if self.is_poisoned(version):
+            probes = replace(probes, reference=model)
+        return run_probes(model, self.probe_inputs(version, probes), names)
 
     def step(self, model: Classifier | None, version: int, on_event: ProgressCallback | None = None,
-             data: TrainingSet | None = None) -> tuple[Classifier, VersionRecord]:
-        """Produce version `version` (train M0, or update `model`) and evaluate it; `data` if already built."""
+             data: TrainingSet | None = None, probes: ProbeModels | None = None) -> tuple[Classifier, VersionRecord]:
+        """Produce version `version` (train M0, or update `model`) and evaluate it; `data` if already built.
+
+        `probes`: the baseline and the reference (the model right after the last poisoning before this version)
+        for the enabled dormancy probes (see `run_probes`).
+        """
         data = data if data is not None else self.training_set(version)
         started = time.perf_counter()
         if version == 0:
@@ -194,16 +251,29 @@ class Simulation:
             assert model is not None, "an update needs the previous version"
             model = self.update(model, version, data, on_event)
         self._sync()
-        trained = time.perf_counter()
-        metrics = self.evaluate(model, version)
-        record = VersionRecord(
-            version=version, drift=data.drift, poisoned=data.is_poisoned,
-            train_seconds=trained - started, eval_seconds=time.perf_counter() - trained,
-            n_train=len(data.y), n_poisoned=int(data.poisoned.sum()), **metrics,
-        )
+        record = self.measure(model, version, data, probes, train_seconds=time.perf_counter() - started)
         if on_event is not None:
             on_event(VersionEnd(record, model))
         return model, record
+
+    def measure(self, model: Classifier, version: int, data: TrainingSet, probes: ProbeModels | None = None,
+                train_seconds: float = 0.0, updated: bool = True) -> VersionRecord:
+        """Evaluate `model` as version `version`, trained on `data` (or, with `updated=False`, a scheduled update
+        that did not run: the previous weights facing this version's drift, trained on nothing new)."""
+        started = time.perf_counter()
+        metrics = self.evaluate(model, version)
+        evaluated = time.perf_counter()
+        probe_seconds = None
+        if probes is not None and self.probes_enabled:
+            metrics.update(self.run_probes(model, version, probes))
+            self._sync()
+            probe_seconds = time.perf_counter() - evaluated
+        return VersionRecord(
+            version=version, drift=data.drift, poisoned=updated and data.is_poisoned,
+            train_seconds=train_seconds, eval_seconds=evaluated - started,
+            n_train=len(data.y) if updated else 0, n_poisoned=int(data.poisoned.sum()) if updated else 0,
+            probe_seconds=probe_seconds, updated=updated, **metrics,
+        )
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -215,13 +285,25 @@ def state_on_cpu(model: Classifier) -> dict[str, torch.Tensor]:
 
 
 def simulate(config: Config, on_event: ProgressCallback | None = None, keep_states: bool = True,
-             splits: Splits | None = None) -> Timeline:
-    """Run the whole timeline: M0 and `config.update.updates` updates."""
+             splits: Splits | None = None, baseline: Classifier | None = None) -> Timeline:
+    """Run the whole timeline: M0 and `config.update.updates` updates.
+
+    With a dormancy probe enabled, the never-poisoned baseline is `baseline` or, if None, trained here once;
+    the reference is the model right after the last poisoning so far.
+    """
+    if config.update.trigger == "drift":
+        raise PermanenceError("update.trigger: drift needs the pipeline's drift check (permanence simulate); "
+                              "simulate() in the core runs every update: allowed here: always")
     sim = Simulation(config, splits)
     timeline = Timeline(alpha=config.eval.alpha)
+    probes = None
+    if sim.probes_enabled:
+        probes = ProbeModels(baseline if baseline is not None else sim.train_baseline())
     model = None
     for version in range(sim.versions):
-        model, record = sim.step(model, version, on_event)
+        model, record = sim.step(model, version, on_event, probes=probes)
+        if probes is not None and sim.is_poisoned(version):
+            probes = replace(probes, reference=copy.deepcopy(model))  # the next updates change `model` in place
         timeline.records.append(record)
         if keep_states:
             timeline.states.append(state_on_cpu(model))

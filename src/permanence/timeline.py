@@ -9,6 +9,8 @@ import torch
 
 from permanence.metrics import survivability
 
+PROBE_FIELDS = ("p_asr", "p_asr_clean", "reactivated_asr", "reactivated_asr_clean", "bec")
+
 
 @dataclass(frozen=True)
 class VersionRecord:
@@ -22,6 +24,14 @@ class VersionRecord:
     eval_seconds: float
     n_train: int
     n_poisoned: int
+    updated: bool = True  # False: a drift-triggered pipeline skipped this update and kept the previous weights
+    # dormancy probes (permanence.dormancy), None where not run; each *_clean is the never-poisoned baseline's
+    p_asr: float | None = None
+    p_asr_clean: float | None = None
+    reactivated_asr: float | None = None
+    reactivated_asr_clean: float | None = None
+    bec: float | None = None
+    probe_seconds: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,6 +64,7 @@ class Timeline:
 
     def summary(self) -> dict[str, Any]:
         final = self.records[-1]
+        probes = {f"{name}_final": getattr(final, name) for name in PROBE_FIELDS if getattr(final, name) is not None}
         return {
             "versions": len(self.records),
             "alpha": self.alpha,
@@ -65,6 +76,7 @@ class Timeline:
             "asr_final": final.asr,
             "train_seconds": sum(r.train_seconds for r in self.records),
             "eval_seconds": sum(r.eval_seconds for r in self.records),
+            **probes,
         }
 
     def rows(self) -> list[dict[str, Any]]:

@@ -1,8 +1,13 @@
-"""MLflow tracking and model registry for one study: one experiment, one run per timeline, one
-registered model whose versions are the timeline's model versions (alias `production` on the newest).
+"""MLflow tracking and model registry for one timeline: a run in an experiment (the study's own, or a
+sweep's, nested under its parent run) and a registered model whose versions are the timeline's model
+versions (alias `production` on the newest).
 
-Weights are stored as a plain state dict and loaded with `torch.load(weights_only=True)` into the
-project's own model class: loading a registered version never unpickles code.
+Every version is an MLflow Model logged from code (`permanence/adapters/pyfunc_model.py`, never a pickle):
+the folder holds the weights as a plain state dict (`torch.load(weights_only=True)`) and `input.json`, which
+says how to rebuild the project's model class and normalise its input.
+
+Safe for concurrent writers on the default sqlite store: creating (migrating) the database happens under a
+file lock, and a timeline is written by one process at a time (a second one stops with one line).
 """
 
 from __future__ import annotations
@@ -11,18 +16,25 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
 from permanence.config import Config
+from permanence.errors import PermanenceError
 
 DEFAULT_STORE = Path("mlruns")
 PRODUCTION = "production"
 WEIGHTS = "weights.pt"
-METRICS = ("clean_acc", "asr", "ra", "drift_score", "drift_detected", "stat_drift_share", "train_seconds")
+INPUT_SPEC = "input.json"
+# MLflow 3.x opens an experiment in its GenAI view unless it carries this tag
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+PARENT_TAG = "mlflow.parentRunId"
+CORE_METRICS = ("clean_acc", "asr", "ra", "drift_score", "drift_detected", "stat_drift_share", "train_seconds")
 
 
 def tracking_uri(store: Path = DEFAULT_STORE) -> str:
@@ -33,57 +45,205 @@ def tracking_uri(store: Path = DEFAULT_STORE) -> str:
     return f"sqlite:///{store.resolve() / 'mlflow.db'}"
 
 
+def existing_uri(store: Path = DEFAULT_STORE) -> str:
+    """Like `tracking_uri`, for readers: a local store that does not exist is an error, not created."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    db = store / "mlflow.db"
+    if not db.is_file():
+        raise PermanenceError(f"{db}: no MLflow store there; run permanence first, or set MLFLOW_TRACKING_URI")
+    return f"sqlite:///{db.resolve()}"
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Artifacts of a local sqlite store live beside it (`mlruns/artifacts/<experiment>`); a server decides itself."""
+    db = _sqlite_file(uri)
+    return db.parent / "artifacts" if db is not None else None
+
+
+def lock_dir(uri: str) -> Path:
+    """Where the locks of a store live: beside a local sqlite file, else in the user's cache (one machine)."""
+    db = _sqlite_file(uri)
+    if db is not None:
+        return db.parent / "locks"
+    return Path.home() / ".cache" / "permanence" / "locks" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+def open_client(uri: str):
+    """An MlflowClient whose store exists and is migrated. Several processes creating one new sqlite database
+    at once crash MLflow's migrations, so the first touch of the database happens under a file lock."""
+    from mlflow import MlflowClient
+
+    db = _sqlite_file(uri)
+    if db is None:
+        return MlflowClient(uri)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock", timeout=300):  # the store may be created (and migrated) as soon as it is named
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
+    return client
+
+
+def ensure_experiment(client, name: str, artifact_root: Path | None) -> str:
+    """The experiment's id, creating it (model-training view, artifacts under `artifact_root`) if needed."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+            client.set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        return experiment.experiment_id
+    artifacts = (artifact_root / name).as_uri() if artifact_root is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_KIND)
+    except MlflowException:  # another process created it a moment ago
+        return client.get_experiment_by_name(name).experiment_id
+
+
 def config_hash(config: Config) -> str:
     return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class StudyLock:
+    """One process at a time writes a timeline: an OS file lock, released even when the holder is SIGKILLed."""
+
+    def __init__(self, uri: str, name: str, kind: str = "study") -> None:
+        folder = lock_dir(uri)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.name, self.kind = name, kind
+        self.path = folder / (f"{name}.lock" if kind == "study" else f"{kind}-{name}.lock")
+        self._lock = FileLock(str(self.path), timeout=0)
+
+    def __enter__(self) -> StudyLock:
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise PermanenceError(
+                f"{self.kind}: '{self.name}' is being run by another process right now (lock {self.path}); "
+                f"wait for it to finish, then run again to resume"
+            ) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def check_free(self) -> None:
+        """Fail now, before a flow starts, if another process holds it (the flow takes it for real)."""
+        with self:
+            pass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What rebuilds a registered model outside the simulator: class, shape, input normalisation."""
+
+    model: str
+    channels: int
+    height: int
+    width: int
+    num_classes: int
+    mean: list[float]
+    std: list[float]
+
+    @classmethod
+    def of(cls, sim) -> ModelSpec:
+        s = sim.splits
+        return cls(sim.config.model.name, s.channels, *s.image_size, s.num_classes, s.mean.cpu().tolist(), s.std.cpu().tolist())
+
+
+def save_mlflow_model(folder: Path, state: dict[str, torch.Tensor], spec: ModelSpec) -> Path:
+    """Write an MLflow Model (models from code) into `folder`: pyfunc code, weights state dict, input spec."""
+    import mlflow.pyfunc
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    staging = folder.parent / f".{folder.name}-files"
+    staging.mkdir(parents=True, exist_ok=True)
+    torch.save(state, staging / WEIGHTS)
+    (staging / INPUT_SPEC).write_text(json.dumps(spec.__dict__))
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.channels, spec.height, spec.width), "images")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.num_classes), "scores")]),
+    )
+    with warnings.catch_warnings():  # "add type hints to predict": the signature above already says it all
+        warnings.simplefilter("ignore", UserWarning)
+        from permanence.adapters import pyfunc_model  # its class statement warns the same
+
+        mlflow.pyfunc.save_model(
+            path=str(folder), python_model=pyfunc_model.__file__,
+            artifacts={"weights": str(staging / WEIGHTS), "input": str(staging / INPUT_SPEC)},
+            signature=signature, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "permanence"],
+            metadata={"permanence": {"format": 1, "input": "float32 images in [0, 1], (N, C, H, W)"}},
+        )
+    return folder
+
+
+def load_weights(client_uri: str, source: str) -> dict[str, torch.Tensor]:
+    """The state dict of a Permanence MLflow Model at `source`, loaded without unpickling code."""
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/artifacts/{WEIGHTS}", dst_path=tmp,
+                                                    tracking_uri=client_uri)
+        return torch.load(local, weights_only=True, map_location="cpu")
 
 
 @dataclass(frozen=True)
 class CompletedVersion:
     update: int
-    registry_version: str
+    registry_version: str | None  # None: a drift-triggered update that was skipped (no version registered)
     record: dict[str, Any]
 
 
 class StudyStore:
-    def __init__(self, config: Config, store: Path = DEFAULT_STORE) -> None:
-        from mlflow import MlflowClient
+    """One timeline's run and registered model. `experiment` defaults to the study; `parent_run_id` nests the run."""
 
+    def __init__(self, config: Config, store: Path = DEFAULT_STORE, experiment: str | None = None,
+                 parent_run_id: str | None = None, uri: str | None = None) -> None:
         self.config = config
         self.name = config.study
-        self.uri = tracking_uri(store)
-        self.client = MlflowClient(self.uri)
+        self.uri = uri or tracking_uri(store)
+        self.client = open_client(self.uri)
         self.hash = config_hash(config)
-        experiment = self.client.get_experiment_by_name(self.name)
-        if experiment is None:
-            artifacts = None
-            if not os.environ.get("MLFLOW_TRACKING_URI"):
-                artifacts = (store.resolve() / "artifacts" / self.name).as_uri()
-            self.experiment_id = self.client.create_experiment(self.name, artifact_location=artifacts)
-        else:
-            self.experiment_id = experiment.experiment_id
+        self.parent_run_id = parent_run_id
+        self.experiment_id = ensure_experiment(self.client, experiment or self.name, artifact_root(self.uri))
         self.run_id: str | None = None
         self._artifact_uri: str | None = None
         self._registered = False
 
     # --- the run --------------------------------------------------------------------------------
-    def open_run(self) -> tuple[str, bool]:
-        """Resume this config's unfinished run, or start a new one. Returns (run_id, resumed)."""
-        unfinished = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.config_hash = '{self.hash}' and attributes.status != 'FINISHED'",
+    def _runs(self, status_clause: str) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.config_hash = '{self.hash}' and {status_clause}",
             order_by=["attributes.start_time DESC"], max_results=1,
         )
+
+    def finished_run(self):
+        """This config's newest FINISHED run in the experiment, if any (a sweep skips such timelines)."""
+        found = self._runs("attributes.status = 'FINISHED'")
+        return found[0] if found else None
+
+    def open_run(self) -> tuple[str, bool]:
+        """Resume this config's unfinished run, or start a new one. Returns (run_id, resumed)."""
+        unfinished = self._runs("attributes.status != 'FINISHED'")
         if unfinished:
             self.run_id = unfinished[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
             return self.run_id, True
-        run = self.client.create_run(self.experiment_id, run_name=f"{self.name}-seed{self.config.seed}",
-                                     tags={"config_hash": self.hash, "study": self.name})
+        tags = {"config_hash": self.hash, "study": self.name, "permanence.role": "timeline"}
+        if self.parent_run_id:
+            tags[PARENT_TAG] = self.parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=f"{self.name}-seed{self.config.seed}", tags=tags)
         self.run_id = run.info.run_id
-        params = [(k, "null" if v is None else str(v)) for k, v in self.config.flat().items()]
         from mlflow.entities import Param
 
-        self.client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in params])
+        params = [Param(k, ("null" if v is None else str(v))[:6000]) for k, v in self.config.flat().items()]
+        self.client.log_batch(self.run_id, params=params)
         return self.run_id, False
 
     def end_run(self, status: str = "FINISHED") -> None:
@@ -91,11 +251,12 @@ class StudyStore:
             self.client.set_terminated(self.run_id, status=status)
 
     def log_step(self, record: dict[str, Any]) -> None:
-        """Log one version's metrics at step=version, in one batch."""
+        """Log one version's numeric metrics at step=version, in one batch."""
         from mlflow.entities import Metric
 
         step = int(record["version"])
-        metrics = [Metric(key, float(record[key]), 0, step) for key in METRICS if record.get(key) is not None]
+        metrics = [Metric(key, float(value), 0, step) for key, value in record.items()
+                   if key not in ("version", "model_version") and isinstance(value, (int, float)) and value is not None]
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def logged_steps(self) -> set[int]:
@@ -104,6 +265,10 @@ class StudyStore:
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
+
+    def record_skip(self, record: dict[str, Any]) -> None:
+        """A scheduled update that did not run (drift-triggered, no drift): kept as a run tag for resume."""
+        self.client.set_tag(self.run_id, f"skipped.v{int(record['version']):03d}", json.dumps(record))
 
     # --- the registry ---------------------------------------------------------------------------
     def _ensure_registered_model(self) -> None:
@@ -114,46 +279,58 @@ class StudyStore:
         try:
             self.client.get_registered_model(self.name)
         except MlflowException:
-            self.client.create_registered_model(self.name, description=f"Permanence study {self.name}")
+            try:
+                self.client.create_registered_model(self.name, description=f"Permanence timeline {self.name}")
+            except MlflowException:  # created by another process meanwhile
+                self.client.get_registered_model(self.name)
         self._registered = True
 
     def completed_versions(self) -> dict[int, CompletedVersion]:
-        """This run's registered versions, by timeline version: the resume point."""
+        """This run's versions by timeline version (registered, or skipped updates): the resume point."""
         from mlflow.exceptions import MlflowException
 
+        done: dict[int, CompletedVersion] = {}
         try:
             found = self.client.search_model_versions(f"name='{self.name}' and run_id='{self.run_id}'")
         except MlflowException:
-            return {}
-        done = {}
+            found = []
         for mv in found:
             if "record" in mv.tags:
                 update = int(mv.tags["update"])
                 done[update] = CompletedVersion(update, mv.version, json.loads(mv.tags["record"]))
+        for key, value in self.client.get_run(self.run_id).data.tags.items():
+            if key.startswith("skipped.v"):
+                update = int(key.removeprefix("skipped.v"))
+                done[update] = CompletedVersion(update, None, json.loads(value))
         return done
 
-    def register_version(self, record: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
-        """Upload the weights, then create the version with all its tags in one call, then move the alias."""
-        self._ensure_registered_model()
-        update = int(record["version"])
-        folder = f"versions/v{update:03d}"
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / WEIGHTS
-            torch.save(state, path)
-            self.client.log_artifact(self.run_id, str(path), folder)
+    def _tags(self, record: dict[str, Any]) -> dict[str, str]:
         c = self.config
-        tags = {
-            "update": str(update), "poisoned": str(bool(record["poisoned"])).lower(), "attack": c.attack.name,
-            "policy": c.update.policy, "clean_acc": f"{record['clean_acc']:.4f}", "asr": f"{record['asr']:.4f}",
-            "drift_detected": str(record.get("drift_detected")).lower(), "config_hash": self.hash,
-            "record": json.dumps(record),
+        return {
+            "update": str(int(record["version"])), "poisoned": str(bool(record["poisoned"])).lower(),
+            "attack": c.attack.name, "policy": c.update.policy, "clean_acc": f"{record['clean_acc']:.4f}",
+            "asr": f"{record['asr']:.4f}", "drift_detected": str(record.get("drift_detected")).lower(),
+            "config_hash": self.hash, "record": json.dumps(record),
         }
-        if self._artifact_uri is None:
-            self._artifact_uri = self.client.get_run(self.run_id).info.artifact_uri
-        source = f"{self._artifact_uri}/{folder}"
-        mv = self.client.create_model_version(self.name, source=source, run_id=self.run_id, tags=tags)
+
+    def _create_version(self, record: dict[str, Any], source: str, run_id: str) -> str:
+        self._ensure_registered_model()
+        mv = self.client.create_model_version(self.name, source=source, run_id=run_id, tags=self._tags(record))
         self.client.set_registered_model_alias(self.name, PRODUCTION, mv.version)
         return mv.version
+
+    def register_version(self, record: dict[str, Any], state: dict[str, torch.Tensor], spec: ModelSpec) -> str:
+        """Log the version as an MLflow Model, then create the registry version with all its tags in one call."""
+        folder = f"versions/v{int(record['version']):03d}"
+        with tempfile.TemporaryDirectory() as tmp:
+            self.client.log_artifacts(self.run_id, str(save_mlflow_model(Path(tmp) / "model", state, spec)), folder)
+        if self._artifact_uri is None:
+            self._artifact_uri = self.client.get_run(self.run_id).info.artifact_uri
+        return self._create_version(record, f"{self._artifact_uri}/{folder}", self.run_id)
+
+    def register_shared(self, record: dict[str, Any], source: str) -> str:
+        """Register a model logged elsewhere (a sweep's shared M0) as this timeline's version, same artifact."""
+        return self._create_version(record, source, self.run_id)
 
     def point_production_at(self, registry_version: str) -> None:
         self.client.set_registered_model_alias(self.name, PRODUCTION, registry_version)
@@ -166,13 +343,7 @@ class StudyStore:
                 f"registry: alias '{PRODUCTION}' of {self.name} points to version {mv.version} "
                 f"(run {mv.run_id}, update {mv.tags.get('update')}), expected update {expected_update} of run {self.run_id}"
             )
-        return self.load_version(mv.version)
+        return load_weights(self.uri, mv.source)
 
     def load_version(self, registry_version: str) -> dict[str, torch.Tensor]:
-        import mlflow.artifacts
-
-        mv = self.client.get_model_version(self.name, registry_version)
-        with tempfile.TemporaryDirectory() as tmp:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{mv.source}/{WEIGHTS}", dst_path=tmp,
-                                                        tracking_uri=self.uri)
-            return torch.load(local, weights_only=True, map_location="cpu")
+        return load_weights(self.uri, self.client.get_model_version(self.name, registry_version).source)

@@ -13,8 +13,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ["update", "drift", "poisoned", "clean_acc", "asr", "ra", "drift_score", "drift_detected",
+from permanence.timeline import PROBE_FIELDS
+
+COLUMNS = ["update", "drift", "poisoned", "updated", "clean_acc", "asr", "ra", "drift_score", "drift_detected",
            "stat_drift_share", "model_version", "train_seconds", "eval_seconds", "n_train", "n_poisoned"]
+OPTIONAL = [*PROBE_FIELDS, "probe_seconds"]  # written when a row has them (the dormancy probes were on)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -31,7 +34,8 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def timeline_csv(rows: list[dict[str, Any]]) -> bytes:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
+    extra = [name for name in OPTIONAL if any(row.get(name) is not None for row in rows)]
+    writer = csv.DictWriter(out, fieldnames=COLUMNS + extra, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow({**row, "update": row["version"]})
@@ -54,8 +58,16 @@ def plot_png(rows: list[dict[str, Any]], title: str, alpha: float) -> bytes:
     ax.plot(updates, [r["clean_acc"] for r in rows], "o-", label="clean accuracy")
     ax.plot(updates, [r["asr"] for r in rows], "s-", color="crimson", label="attack success rate")
     ax.plot(updates, [r["ra"] for r in rows], "^--", color="gray", alpha=0.7, label="robust accuracy")
+    probes = (("p_asr", "P-ASR (re-tuned)", "tab:purple"), ("reactivated_asr", "re-activated ASR", "tab:brown"),
+              ("bec", "backdoor existence coef.", "tab:olive"))
+    for name, label, color in probes:
+        points = [(r["version"], r[name]) for r in rows if r.get(name) is not None]
+        if points:
+            ax.plot(*zip(*points), "d--", color=color, lw=1, ms=4, label=label)
     ax.axhline(alpha, color="crimson", lw=0.8, ls=":", label=f"alpha = {alpha}")
     for r in rows:
+        if not r.get("updated", True):
+            ax.plot(r["version"], -0.0, "x", color="black", ms=6)
         if r["poisoned"]:
             ax.axvspan(r["version"] - 0.4, r["version"] + 0.4, color="crimson", alpha=0.12)
         if r.get("drift_detected"):
@@ -71,9 +83,12 @@ def plot_png(rows: list[dict[str, Any]], title: str, alpha: float) -> bytes:
     return buffer.getvalue()
 
 
-def write_outputs(folder: Path, rows: list[dict[str, Any]], summary: dict[str, Any], title: str) -> dict[str, Path]:
-    paths = {"csv": folder / "timeline.csv", "summary": folder / "summary.json", "png": folder / "timeline.png"}
+def write_outputs(folder: Path, rows: list[dict[str, Any]], summary: dict[str, Any], title: str,
+                  plot: bool = True) -> dict[str, Path]:
+    paths = {"csv": folder / "timeline.csv", "summary": folder / "summary.json"}
     atomic_write(paths["csv"], timeline_csv(rows))
-    atomic_write(paths["png"], plot_png(rows, title, summary["alpha"]))
+    if plot:
+        paths["png"] = folder / "timeline.png"
+        atomic_write(paths["png"], plot_png(rows, title, summary["alpha"]))
     atomic_write(paths["summary"], json.dumps(summary, indent=2).encode())
     return paths

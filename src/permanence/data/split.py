@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from permanence.config import Config
 from permanence.data import DATASETS
-from permanence.errors import PermanenceError
 from permanence.seeding import generator
+
+if TYPE_CHECKING:  # config validates names against the registries, so the registries never import it
+    from permanence.config import Config
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,6 @@ def _with_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:
 def load_splits(config: Config, device: torch.device | str = "cpu") -> Splits:
     cfg = config.data
     dataset = DATASETS.get(cfg.name, "data.name")(cfg, config.seed)
-    if config.attack.target >= dataset.num_classes:
-        raise PermanenceError(f"attack.target: {config.attack.target} is not a class of {cfg.name} (0..{dataset.num_classes - 1})")
     x_train, y_train = _subset(dataset.x_train, dataset.y_train, cfg.limit, config.seed, "train-limit")
     x_test, y_test = _subset(dataset.x_test, dataset.y_test, cfg.test_limit, config.seed, "test-limit")
     x_train, x_test = _with_channels(x_train, cfg.channels), _with_channels(x_test, cfg.channels)

@@ -17,6 +17,19 @@ class Classifier(nn.Module):
         self.features = features
         self.head = head
         self.logit_scale = logit_scale
+        # 0 = a pruned channel of the penultimate vector (fine-pruning). The features end with a global pool over
+        # the last block's ReLU outputs, so this equals zeroing the channel after its BN and ReLU. A buffer, so it
+        # travels in the state dict; a hook, so `model.features(x)` (embeddings, probes) is masked like forward.
+        self.register_buffer("feature_mask", torch.ones(head.in_features))
+        self.features.register_forward_hook(self._mask_features)
+
+    def _mask_features(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output * self.feature_mask.to(output.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a state dict saved before the mask existed: nothing was pruned
+        state_dict.setdefault(prefix + "feature_mask", torch.ones_like(self.feature_mask))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.features(x))

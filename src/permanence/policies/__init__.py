@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from permanence.config import Config
 from permanence.models import Classifier
 from permanence.registry import Registry
 from permanence.training import EpochCallback, Runtime
+
+if TYPE_CHECKING:  # config validates names against the registries, so the registries never import it
+    from permanence.config import Config
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ Policy = Callable[[Classifier, TrainingSet, UpdateContext], Classifier]
 
 POLICIES: Registry[Policy] = Registry("policy")
 
-from permanence.policies import finetune, stlr, retrain, static  # noqa: E402,F401
+from permanence.policies import (  # noqa: E402,F401
+    finetune, stlr, retrain, static, fst, ft_sam, fine_pruning, replay, ewc,
+)
 
 __all__ = ["POLICIES", "Policy", "TrainingSet", "UpdateContext"]

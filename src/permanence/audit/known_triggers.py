@@ -1,0 +1,90 @@
+"""Known triggers: every registered attack's published default trigger, tried against every class as target.
+
+For each attack (permanence.attacks.ATTACKS, default strength) the clean images are triggered once and
+classified once; for each class t the ASR is the share of the images not of class t that the trigger sends
+to t. Flagged when the best (attack, target) ASR is >= `threshold`.
+
+A trigger drawn from a seed (Blended's pattern, WaNet's warp grid) is only known when its seed is: pass
+`seeds={"blended": 7, ...}`; without one such an attack is skipped (reported in `extras["skipped"]`), never
+guessed. Which attacks are seeded is measured, not listed: an attack whose trigger changes with the seed it
+is built with is seeded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from permanence.attacks import ATTACKS, Attack, build_attack
+from permanence.audit import CHECKS
+from permanence.audit.base import AuditData, CheckResult, model_device, predict_labels
+from permanence.errors import PermanenceError
+from permanence.seeding import generator
+
+
+def is_seeded(name: str, image_shape: tuple[int, int, int]) -> bool:
+    """Does the attack's trigger depend on the seed it is built with? (Two seeds, one random probe image.)"""
+    probe = torch.randint(0, 256, (2, *image_shape), generator=generator(0, "known-triggers-seed-probe"),
+                          dtype=torch.uint8)
+    a, b = (build_attack(name, target=0, strength=None, image_shape=image_shape, seed=s) for s in (0, 1))
+    return not torch.equal(a.apply(probe), b.apply(probe))
+
+
+def success_by_target(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
+    """ASR for each class t as the target: the share of the images not of class t that are predicted t."""
+    out = []
+    for t in range(num_classes):
+        victims = labels != t
+        out.append((predictions[victims] == t).float().mean().item() if bool(victims.any()) else math.nan)
+    return out
+
+
+@CHECKS.register("known_triggers")
+def known_triggers(model: nn.Module, data: AuditData, *, seeds: Mapping[str, int] | None = None,
+                   threshold: float = 0.5, attacks: list[str] | None = None) -> CheckResult:
+    """`extras`: `table` [(attack, target, asr)] for every attack tried and every class, `skipped`
+    {attack: why}, `top` (attack, target, asr) of the best or None when nothing was tried."""
+    if not 0 < threshold <= 1:
+        raise PermanenceError(f"known_triggers: threshold is {threshold}; allowed: a number in (0, 1]")
+    seeds = dict(seeds or {})
+    for name in seeds:
+        ATTACKS.get(name, "known_triggers.seeds")
+    names = ATTACKS.names() if attacks is None else list(attacks)
+    for name in names:
+        ATTACKS.get(name, "known_triggers.attacks")
+    data = data.to(model_device(model))
+    table: list[tuple[str, int, float]] = []
+    skipped: dict[str, str] = {}
+    for name in names:
+        seeded = is_seeded(name, data.image_shape)
+        if seeded and name not in seeds:
+            skipped[name] = "its trigger is drawn from a seed and none was given"
+            continue
+        try:
+            attack: Attack = build_attack(name, target=0, strength=None, image_shape=data.image_shape,
+                                          seed=seeds.get(name, 0))
+        except PermanenceError as err:  # e.g. a default patch too big for tiny images
+            skipped[name] = str(err)
+            continue
+        predictions = predict_labels(model, attack.apply(data.images))
+        for target, asr in enumerate(success_by_target(predictions, data.labels, data.num_classes)):
+            table.append((name, target, asr))
+    valid = [row for row in table if not math.isnan(row[2])]
+    top = max(valid, key=lambda row: row[2]) if valid else None
+    flagged = top is not None and top[2] >= threshold
+    numbers = {
+        "flagged": float(flagged), "asr": top[2] if top else math.nan, "target": float(top[1]) if top else -1.0,
+        "tried": float(len(names) - len(skipped)), "skipped": float(len(skipped)),
+    }
+    if top is None:
+        reason = "no known trigger could be tried (" + "; ".join(f"{k}: {v}" for k, v in skipped.items()) + ")"
+    else:
+        verb = "flags" if flagged else "does not flag"
+        reason = f"best known trigger {top[0]} -> class {top[1]} reaches ASR {top[2]:.2f}; {verb} at threshold {threshold}"
+    extras = {"table": table, "skipped": skipped, "top": top}
+    if top is not None:
+        extras["attack"] = top[0]
+    return CheckResult("known_triggers", flagged, numbers, reason, extras)

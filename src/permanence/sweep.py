@@ -1,0 +1,301 @@
+"""Sweep files: a grid of timelines over seeds, attacks, drifts and policies, expanded and validated up front.
+
+    name: policies
+    config: params.yaml            # the params file every cell starts from
+    base: [update.updates=15]      # overrides for every cell
+    grid:                          # axis -> values; the cells are the cartesian product
+      update.policy: "*"           # "*": every registered entry of a registry-backed axis
+      attack.name: [badnets, blended]
+    cells:                         # optional: override sets for axes that change together (x the grid)
+      - {update.policy: finetune, update.lr: 0.01}
+    seeds: 3                       # seeds 0..2, or a list
+    exclude: [{update.policy: static, attack.name: blended}]
+    compare: update.policy         # one line per value in curves.png (default: the first axis)
+    heatmap: [update.policy, attack.name]
+
+Every timeline's config is built exactly as `permanence simulate --set ...` would build it, and checked by the
+same `Simulation` (attack strength, colour drift on grayscale data, target class), with each dataset loaded
+once. Any problem is one line naming the file, the axis and the value. Nothing here touches the tools.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from permanence.attacks import ATTACKS
+from permanence.config import Config, build_config, load_config
+from permanence.drift import DRIFTS
+from permanence.errors import PermanenceError
+from permanence.models import MODELS
+from permanence.policies import POLICIES
+
+TOP_LEVEL = ("name", "config", "base", "grid", "cells", "seeds", "exclude", "compare", "heatmap", "control")
+# axes whose "*" means every registered entry
+REGISTRY_AXES = {"update.policy": POLICIES, "attack.name": ATTACKS, "drift.kind": DRIFTS, "model.name": MODELS}
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,39}")
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """One cell of the grid at one seed: one timeline, one MLflow child run, one registered model."""
+
+    values: dict[str, Any]  # axis -> value (None where this cell does not set that axis)
+    seed: int
+    overrides: tuple[str, ...]
+    config: Config
+    control: bool = False  # the never-poisoned control of its data/drift/attack/seed (its ASR is the floor)
+    control_study: str | None = None  # this timeline's control, when the sweep has controls
+
+    @property
+    def study(self) -> str:
+        return self.config.study
+
+
+@dataclass
+class Sweep:
+    name: str
+    path: Path
+    params: Path
+    axes: list[str]
+    compare: str
+    heatmap: list[str]
+    seeds: list[int]
+    timelines: list[Timeline] = field(default_factory=list)
+
+    def spec(self) -> dict[str, Any]:
+        """What the comparison needs to be rebuilt from the tracking store alone."""
+        return {"name": self.name, "axes": self.axes, "compare": self.compare, "heatmap": self.heatmap,
+                "seeds": self.seeds,
+                "timelines": [{"study": t.study, "values": t.values, "seed": t.seed, "control": t.control,
+                               "control_study": t.control_study} for t in self.timelines]}
+
+
+def _fail(path: Path, message: str) -> None:
+    raise PermanenceError(f"{path}: {message}")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise PermanenceError(f"{path}: sweep file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        _fail(path, f"not valid YAML{f' at line {mark.line + 1}' if mark else ''}")
+    if not isinstance(raw, dict):
+        _fail(path, "expected a mapping with keys " + ", ".join(TOP_LEVEL))
+    unknown = sorted(set(raw) - set(TOP_LEVEL))
+    if unknown:
+        _fail(path, f"unknown key '{unknown[0]}'; allowed: {', '.join(TOP_LEVEL)}")
+    return raw
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value) if isinstance(value, (dict, list)) else 'null' if value is None else value}"
+
+
+def _seeds(path: Path, raw: Any) -> list[int]:
+    if isinstance(raw, bool) or raw is None:
+        _fail(path, f"seeds: expected a count >= 1 or a list of distinct seeds >= 0 (got {raw!r})")
+    if isinstance(raw, int):
+        if raw < 1:
+            _fail(path, f"seeds: a count must be >= 1 (got {raw})")
+        return list(range(raw))
+    if isinstance(raw, list) and raw and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in raw):
+        if len(set(raw)) != len(raw):
+            _fail(path, f"seeds: {raw} repeats a seed")
+        return list(raw)
+    _fail(path, f"seeds: expected a count >= 1 or a list of distinct seeds >= 0 (got {raw!r})")
+
+
+def _axis_values(path: Path, key: str, values: Any) -> list[Any]:
+    if values == "*" and key in REGISTRY_AXES:
+        return REGISTRY_AXES[key].names()
+    if not isinstance(values, list):
+        allowed = " or '*' (every registered entry)" if key in REGISTRY_AXES else ""
+        _fail(path, f"grid: axis '{key}' needs a list of values{allowed} (got {values!r})")
+    if not values:
+        _fail(path, f"grid: axis '{key}' has no values")
+    if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+        _fail(path, f"grid: axis '{key}' repeats a value in {values}")
+    return values
+
+
+def _points(path: Path, raw: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    grid = raw.get("grid") or {}
+    cells = raw.get("cells")
+    if not isinstance(grid, dict):
+        _fail(path, "grid: expected a mapping of axis -> list of values")
+    if cells is not None and (not isinstance(cells, list) or not all(isinstance(c, dict) and c for c in cells)):
+        _fail(path, "cells: expected a list of non-empty mappings of key -> value")
+    if not grid and not cells:
+        _fail(path, "grid: empty (and no cells): there is nothing to run")
+    axes_values = {str(key): _axis_values(path, str(key), values) for key, values in grid.items()}
+    grid_points = [dict(zip(axes_values, combo)) for combo in itertools.product(*axes_values.values())]
+    cell_axes = [k for c in cells or [] for k in c]
+    axes = list(dict.fromkeys([*axes_values, *cell_axes]))
+    overlap = sorted(set(axes_values) & set(cell_axes))
+    if overlap:
+        _fail(path, f"cells: '{overlap[0]}' is also a grid axis; set it in one place")
+    points = [{**cell, **point} for cell in (cells or [{}]) for point in grid_points]
+    exclude = raw.get("exclude") or []
+    if not isinstance(exclude, list) or not all(isinstance(e, dict) and e for e in exclude):
+        _fail(path, "exclude: expected a list of non-empty mappings of axis -> value")
+    for entry in exclude:
+        for key in entry:
+            if key not in axes:
+                _fail(path, f"exclude: '{key}' is not an axis of this sweep; axes: {', '.join(axes)}")
+    points = [p for p in points if not any(all(p.get(k) == v for k, v in e.items()) for e in exclude)]
+    if not points:
+        _fail(path, "exclude: drops every cell: there is nothing to run")
+    return axes, points
+
+
+def _slug(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", str(value)).strip("_") or "x"
+
+
+def study_name(sweep: str, values: dict[str, Any], seed: int, taken: set[str]) -> str:
+    """A readable, stable registered-model name for one timeline; hashed where it would be long or taken."""
+    slug = "-".join(_slug(v) for v in values.values() if v is not None)
+    name = f"{sweep}-{slug}-s{seed}" if slug else f"{sweep}-s{seed}"
+    if len(name) > 64 or name in taken:
+        digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:6]
+        name = f"{sweep[:24]}-{slug[:24]}-{digest}-s{seed}"
+    return name
+
+
+def _identity(config: Config) -> str:
+    raw = config.model_dump(mode="json")
+    raw.pop("study")
+    return json.dumps(raw, sort_keys=True)
+
+
+def load_sweep(path: str | Path, sets: list[str] | tuple[str, ...] = (), seeds: int | None = None,
+               extra_base: list[str] | tuple[str, ...] = ()) -> Sweep:
+    """Read, expand and validate a sweep file; `sets` apply to every cell (never to an axis), `seeds` replaces the
+    file's, `extra_base` are defaults for every cell that the file's own settings override (a runner's choices)."""
+    path = Path(path)
+    raw = _read(path)
+    name = raw.get("name")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        _fail(path, f"name: expected an identifier of at most 40 letters, digits, '_' or '-' (got {name!r})")
+    params = Path(raw.get("config") or "params.yaml")
+    if not params.is_file() and (path.parent / params).is_file():
+        params = path.parent / params
+    base = raw.get("base") or []
+    if not isinstance(base, list) or not all(isinstance(b, str) for b in base):
+        _fail(path, "base: expected a list of key=value strings")
+    axes, points = _points(path, raw)
+    for text in sets:
+        key = text.partition("=")[0].strip()
+        if key in axes:
+            raise PermanenceError(f"--set {text}: '{key}' is an axis of {path}; change its values in the file")
+    seed_list = _seeds(path, raw.get("seeds", 1)) if seeds is None else _seeds(Path("--seeds"), seeds)
+    compare = raw.get("compare") or axes[0]
+    if compare not in axes:
+        _fail(path, f"compare: '{compare}' is not an axis of this sweep; axes: {', '.join(axes)}")
+    heatmap = raw.get("heatmap") or axes[:2]
+    if not isinstance(heatmap, list) or not 1 <= len(heatmap) <= 2 or any(h not in axes for h in heatmap):
+        _fail(path, f"heatmap: expected one or two axes of this sweep ({', '.join(axes)}), got {heatmap!r}")
+    control = raw.get("control", True)
+    if not isinstance(control, bool):
+        _fail(path, f"control: expected true or false (got {control!r})")
+
+    try:
+        defaults = load_config(params).model_dump(mode="json")
+    except PermanenceError as err:
+        _fail(path, f"config: {err}")
+    defaults.pop("study")
+    sweep = Sweep(name, path, params, axes, compare, list(heatmap), seed_list)
+    taken: set[str] = set()
+    seen: dict[str, dict[str, Any]] = {}
+    for point in points:
+        values = {axis: point.get(axis) for axis in axes}
+        cell_overrides = [_override(k, v) for k, v in point.items()]
+        for seed in seed_list:
+            study = study_name(name, values, seed, taken)
+            overrides = (*extra_base, *base, *sets, *cell_overrides, f"seed={seed}", f"study={study}")
+            try:
+                config = build_config(defaults, overrides, source=str(path))
+            except PermanenceError as err:
+                raise PermanenceError(f"{_where(values)}: {err}") from None
+            identity = _identity(config)
+            if identity in seen and seed == seed_list[0]:
+                _fail(path, f"cells {_where(seen[identity])} and {_where(values)} give the same timeline")
+            seen.setdefault(identity, values)
+            taken.add(study)
+            sweep.timelines.append(Timeline(values, seed, tuple(overrides), config))
+    if control:
+        _add_controls(sweep, defaults)
+    check_simulations(sweep)
+    return sweep
+
+
+def _where(values: dict[str, Any]) -> str:
+    return "cell " + ", ".join(f"{k}={v}" for k, v in values.items() if v is not None)
+
+
+POLICY_KNOBS = ("policy", "max_lr", "cut_frac", "ratio", "fst", "ft_sam", "fine_pruning", "replay", "ewc")
+
+
+def _add_controls(sweep: Sweep, defaults: dict[str, Any]) -> None:
+    """One never-poisoned control per group of timelines that differ only in their policy and poisoning: its ASR per
+    version is the floor that drift alone reaches (a model that never learnt the trigger still sends some triggered
+    images to the target). It runs `finetune` with the group's update recipe, shared by every policy of the group."""
+    groups: dict[str, Timeline] = {}
+    for index, timeline in enumerate(sweep.timelines):
+        raw = timeline.config.model_dump(mode="json")
+        raw.pop("study")
+        raw["poisoning"] = {**raw["poisoning"], "inject": "none"}
+        raw["update"] = {**raw["update"], **{k: defaults["update"][k] for k in POLICY_KNOBS}}
+        key = json.dumps(raw, sort_keys=True)
+        if key not in groups:
+            digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+            raw["study"] = f"{sweep.name[:36]}-control-{digest}-s{timeline.seed}"
+            groups[key] = Timeline({axis: None for axis in sweep.axes}, timeline.seed, (), Config.model_validate(raw),
+                                   control=True)
+        sweep.timelines[index] = replace(timeline, control_study=groups[key].study)
+    sweep.timelines.extend(groups.values())
+
+
+def check_simulations(sweep: Sweep) -> None:
+    """The checks `permanence simulate` meets before anything is written, each dataset split loaded once."""
+    from permanence.data import load_splits
+    from permanence.simulation import Simulation
+
+    splits: dict[str, Any] = {}
+    for timeline in sweep.timelines:
+        config = timeline.config
+        key = json.dumps([config.data.model_dump(mode="json"), config.seed, config.runtime.device])
+        try:
+            if key not in splits:
+                splits[key] = load_splits(config, "cpu")
+            Simulation(config, splits[key])
+        except PermanenceError as err:
+            raise PermanenceError(f"{sweep.path}: {_where(timeline.values) if not timeline.control else 'control'}: {err}") from None
+
+
+def m0_key(config: Config) -> str:
+    """What M0 depends on: seed, data, model, initial training, runtime and D0's poisoning (not the policy, the drift
+    or an update's poisoning). Timelines with equal keys start from the same M0, trained once."""
+    d0_poison = config.attack.model_dump(mode="json") if config.poisoning.inject == "d0" else None
+    parts = {"seed": config.seed, "data": config.data.model_dump(mode="json"), "model": config.model.name,
+             "train": config.train.model_dump(mode="json"), "runtime": config.runtime.model_dump(mode="json"),
+             "d0_poison": d0_poison}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def baseline_key(config: Config) -> str:
+    """The never-poisoned M0 of the same seed, data, model and recipe: the dormancy probes' baseline."""
+    raw = config.model_dump(mode="json")
+    raw["poisoning"] = {**raw["poisoning"], "inject": "none"}
+    return m0_key(Config.model_validate(raw))

@@ -1,0 +1,152 @@
+"""Sweep files: expansion, validation (one line, exit 2, nothing written), shared M0s, the comparison tables."""
+
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from permanence.cli import app
+from permanence.errors import PermanenceError
+from permanence.policies import POLICIES
+from permanence.sweep import baseline_key, load_sweep, m0_key
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_BASE = ["update.updates=2", "train.epochs=2", "update.epochs=1", "data.limit=400", "data.test_limit=100"]
+
+
+def _write(tmp_path: Path, text: str, name: str = "sweep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text.replace("CONFIG", str(ROOT / "params.yaml")))
+    return path
+
+
+def test_grid_times_cells_times_seeds_with_exclude_and_controls(tmp_path):
+    path = _write(tmp_path, """
+name: demo
+config: CONFIG
+base: [update.updates=2]
+grid:
+  attack.name: [badnets, blended]
+cells:
+  - {update.policy: finetune, update.lr: 0.02}
+  - {update.policy: stlr}
+seeds: [3, 5]
+exclude: [{update.policy: stlr, attack.name: blended}]
+""")
+    sweep = load_sweep(path)
+    cells = [t for t in sweep.timelines if not t.control]
+    assert sweep.axes == ["attack.name", "update.policy", "update.lr"]
+    assert len(cells) == 3 * 2  # (2 attacks x 2 cells - 1 excluded) x 2 seeds
+    assert {(t.values["update.policy"], t.values["attack.name"]) for t in cells} == {
+        ("finetune", "badnets"), ("finetune", "blended"), ("stlr", "badnets")}
+    finetune = next(t for t in cells if t.values["update.policy"] == "finetune")
+    assert finetune.config.update.lr == 0.02 and finetune.config.update.updates == 2
+    assert {t.seed for t in cells} == {3, 5} and all(t.config.seed == t.seed for t in cells)
+    assert len({t.study for t in sweep.timelines}) == len(sweep.timelines), "one registered model per timeline"
+    controls = [t for t in sweep.timelines if t.control]
+    # one never-poisoned control per (attack, update recipe) and seed: finetune's lr of 0.02 is its own recipe
+    assert len(controls) == 6 and all(c.config.poisoning.inject == "none" for c in controls)
+    assert all(c.config.update.policy == "finetune" for c in controls)
+    assert {t.control_study for t in cells} == {c.study for c in controls}
+
+
+def test_star_means_every_registered_policy(tmp_path):
+    sweep = load_sweep(_write(tmp_path, "name: all\nconfig: CONFIG\ngrid: {update.policy: '*'}\ncontrol: false\n"))
+    assert [t.values["update.policy"] for t in sweep.timelines] == POLICIES.names()
+
+
+def test_timelines_share_m0_only_where_it_is_the_same_model(tmp_path):
+    sweep = load_sweep(_write(tmp_path, """
+name: share
+config: CONFIG
+grid:
+  update.policy: [finetune, stlr, static]
+  poisoning.inject: [d0, update]
+seeds: 2
+control: false
+"""))
+    keys = {(t.values["update.policy"], t.values["poisoning.inject"], t.seed): m0_key(t.config) for t in sweep.timelines}
+    assert len(set(keys.values())) == 4  # (poisoned D0, clean D0) x 2 seeds
+    assert keys[("finetune", "d0", 0)] == keys[("stlr", "d0", 0)] != keys[("finetune", "d0", 1)]
+    assert keys[("finetune", "update", 0)] != keys[("finetune", "d0", 0)]
+    d0 = next(t for t in sweep.timelines if t.values["poisoning.inject"] == "d0")
+    later = next(t for t in sweep.timelines if t.values["poisoning.inject"] == "update" and t.seed == d0.seed)
+    assert baseline_key(d0.config) == m0_key(later.config), "the probes' baseline is the clean M0 of the same seed"
+
+
+BAD = {
+    "unknown axis": ("grid: {update.polcy: [a]}", r"update\.polcy.*unknown key 'update\.polcy'|unknown key"),
+    "rejected value": ("grid: {update.policy: [finetune, yolo]}", r"cell update\.policy=yolo: .*update\.policy: unknown policy 'yolo'"),
+    "out-of-range value": ("grid: {attack.ratio: [0.1, 1.5]}", r"cell attack\.ratio=1\.5: .*attack\.ratio: Input should be less than or equal to 1"),
+    "strength out of range": ("grid: {attack.strength: [3, 40]}", r"cell attack\.strength=40: .*attack\.strength: 40\.0 is not a valid patch size"),
+    "colour drift on grayscale": ("grid: {drift.kind: [rotation, hue]}", r"cell drift\.kind=hue: drift\.kind: hue does nothing to grayscale"),
+    "empty grid": ("grid: {update.policy: []}", r"grid: axis 'update\.policy' has no values"),
+    "no grid": ("seeds: 2", r"grid: empty \(and no cells\)"),
+    "duplicate cells": ("cells: [{update.policy: stlr}, {update.policy: stlr, update.lr: 0.01}]", r"give the same timeline"),
+    "bad seeds": ("grid: {update.policy: [stlr]}\nseeds: 0", r"seeds: a count must be >= 1"),
+    "repeated seeds": ("grid: {update.policy: [stlr]}\nseeds: [1, 1]", r"seeds: \[1, 1\] repeats a seed"),
+    "unknown top-level key": ("gird: {update.policy: [stlr]}", r"unknown key 'gird'; allowed: name, config"),
+    "malformed yaml": ("grid: {update.policy: [stlr\n", r"not valid YAML at line"),
+    "compare not an axis": ("grid: {update.policy: [stlr]}\ncompare: attack.name", r"compare: 'attack\.name' is not an axis"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_sweep_file_is_one_line_exit_2_and_writes_nothing(case, tmp_path, monkeypatch):
+    body, pattern = BAD[case]
+    path = _write(tmp_path, f"name: bad\nconfig: CONFIG\n{body}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = CliRunner().invoke(app, ["sweep", str(path), "--results", "results", "--store", "mlruns"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "results").exists()
+
+
+def test_missing_file_and_set_on_an_axis(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = CliRunner().invoke(app, ["sweep", "nowhere.yaml"])
+    assert missing.exit_code == 2 and "nowhere.yaml: sweep file not found" in missing.stderr
+    path = _write(tmp_path, "name: s\nconfig: CONFIG\ngrid: {update.policy: [stlr, finetune]}\n")
+    on_axis = CliRunner().invoke(app, ["sweep", str(path), "--set", "update.policy=static"])
+    assert on_axis.exit_code == 2 and "'update.policy' is an axis of" in on_axis.stderr
+    with pytest.raises(PermanenceError, match=r"--seeds: seeds: a count must be >= 1"):
+        load_sweep(path, seeds=0)
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_set_applies_to_every_cell_and_dry_run_lists_shared_m0s(tmp_path):
+    path = _write(tmp_path, "name: s\nconfig: CONFIG\ngrid: {update.policy: [stlr, finetune]}\nseeds: 2\n")
+    sweep = load_sweep(path, ["update.updates=4"])
+    assert all(t.config.update.updates == 4 for t in sweep.timelines)
+    result = CliRunner().invoke(app, ["sweep", str(path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "4 M0s trained once each for 6 timelines" in result.stdout  # 2 poisoned + 2 clean (controls) for 6
+    assert "shared by 2 timelines" in result.stdout
+
+
+def test_comparison_tables_from_results():
+    from permanence.adapters.comparison import TimelineResult, cell_rows, comparison_rows
+
+    def result(study, policy, seed, asr, control=None):
+        rows = [{"version": v, "asr": a, "clean_acc": 0.9, "train_seconds": 1.0, "eval_seconds": 0.5} for v, a in enumerate(asr)]
+        summary = {"survivability": sum(1 for a in asr[1:] if a >= 0.5), "asr_injected": asr[0], "asr_final": asr[-1],
+                   "clean_acc_final": 0.9, "alpha": 0.5, "last_poisoned_version": 0}
+        return TimelineResult(study, {"update.policy": policy}, seed, summary, rows, f"run-{study}", control)
+
+    results = [result("f0", "finetune", 0, [1, 0.9, 0.8], "c0"), result("f1", "finetune", 1, [1, 0.7, 0.6], "c1"),
+               result("s0", "stlr", 0, [1, 0.1, 0.0], "c0"), result("c0", None, 0, [0.0, 0.3, 0.45]),
+               result("c1", None, 1, [0.0, 0.0, 0.1])]
+    cells = cell_rows(["update.policy"], results)
+    assert [c["study"] for c in cells] == ["f0", "f1", "s0"], "controls are floors, not rows"
+    f0 = cells[0]
+    assert f0["asr_floor_final"] == 0.45 and f0["survivability"] == 2 and f0["seconds"] == 4.5
+    # against the floor, seed 0's finetune ASR of 0.8 at a floor of 0.45 is (0.8 - 0.45) / 0.55 = 0.64 >= 0.5
+    assert f0["survivability_above_floor"] == 2
+    table = {r["update.policy"]: r for r in comparison_rows(["update.policy"], cells)}
+    assert table["finetune"]["seeds"] == 2 and table["finetune"]["final_asr_mean"] == pytest.approx(0.7)
+    assert table["finetune"]["final_asr_std"] == pytest.approx(0.1)
+    assert table["stlr"]["survivability_mean"] == 0
