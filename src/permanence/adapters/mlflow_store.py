@@ -148,11 +148,13 @@ class ModelSpec:
     num_classes: int
     mean: list[float]
     std: list[float]
+    data: str  # the dataset it serves (a platform team knows that much): the audit's default clean data
 
     @classmethod
     def of(cls, sim) -> ModelSpec:
         s = sim.splits
-        return cls(sim.config.model.name, s.channels, *s.image_size, s.num_classes, s.mean.cpu().tolist(), s.std.cpu().tolist())
+        return cls(sim.config.model.name, s.channels, *s.image_size, s.num_classes, s.mean.cpu().tolist(),
+                   s.std.cpu().tolist(), sim.config.data.name)
 
 
 def save_mlflow_model(folder: Path, state: dict[str, torch.Tensor], spec: ModelSpec) -> Path:
