@@ -84,3 +84,41 @@ def test_malformed_override():
 
 def test_config_is_the_single_source(tmp_path):
     assert set(Config.model_fields) >= {"data", "drift", "attack", "poisoning", "model", "train", "update", "eval"}
+
+
+def test_drift_triggered_updates_need_the_pipelines_drift_check():
+    from permanence import simulate
+
+    with pytest.raises(PermanenceError, match=r"update\.trigger: drift needs tracking\.drift_check=true"):
+        build_config({}, ["update.trigger=drift", "tracking.drift_check=false"])
+    with pytest.raises(PermanenceError, match=r"update\.trigger: drift needs the pipeline's drift check"):
+        simulate(build_config({}, ["update.trigger=drift"]))
+
+
+def test_registries_and_config_import_without_a_circle():
+    """No module of the core imports (at module level) one that imports it back: the config checks names against the
+    registries, so the registries must never need the config at import time."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "src" / "permanence"
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.parse(path.read_text()).body:  # module level only: TYPE_CHECKING and lazy imports don't count
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("permanence"):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("permanence"))
+        graph[name] = {d for d in deps if d in modules and d != name and not name.startswith(d + ".")}
+
+    def reaches(start, goal, seen):
+        return any(d == goal or (d not in seen and not seen.add(d) and reaches(d, goal, seen)) for d in graph[start])
+
+    for module in ("permanence.config", "permanence.data", "permanence.policies", "permanence.data.split"):
+        assert not reaches(module, module, set()), f"{module} imports itself back"

@@ -140,3 +140,53 @@ def test_transient_failure_is_retried_and_drift_reports_are_kept(flows, tmp_path
     assert sorted(int(v.tags["update"]) for v in client.search_model_versions("name='flaky'")) == [0, 1]
     reports = [a.path for a in client.list_artifacts(summary["mlflow_run_id"], "drift_reports")]
     assert reports == ["drift_reports/drift_v001.html"]
+
+
+TRIGGERED = TINY + ["update.trigger=drift", "drift.schedule=sudden", "drift.at_update=2", "drift.delta=45",
+                    "poisoning.inject=none"]
+
+
+def test_drift_triggered_updates_skip_without_drift_and_update_on_a_sudden_shift(flows, tmp_path, monkeypatch):
+    """Update 1 sees no drift (kept), update 2 a sudden 45-degree shift (runs), update 3 the same data as what
+    production was last trained on (kept). A crash before version 2 is registered resumes knowing update 1 was kept."""
+    from permanence.adapters.mlflow_store import StudyStore
+
+    original = StudyStore.register_version
+
+    def down(self, record, *args):
+        if record["version"] == 2:
+            raise ConnectionError("registry down")
+        return original(self, record, *args)
+
+    config = build_config({}, TRIGGERED + ["study=triggered"])
+    monkeypatch.setattr(StudyStore, "register_version", down)
+    with pytest.raises(ConnectionError):
+        flows.retraining_pipeline(config, results_dir=tmp_path / "results", store_dir=tmp_path / "mlruns")
+    monkeypatch.setattr(StudyStore, "register_version", original)
+    summary = flows.retraining_pipeline(config, results_dir=tmp_path / "results", store_dir=tmp_path / "mlruns")
+
+    rows = list(csv.DictReader((tmp_path / "results" / "triggered" / "timeline.csv").open()))
+    assert [r["updated"] for r in rows] == ["True", "False", "True", "False"]
+    assert [r["drift_detected"] for r in rows] == ["", "False", "True", "False"]
+    assert rows[1]["model_version"] == rows[0]["model_version"] and rows[3]["model_version"] == rows[2]["model_version"]
+    assert rows[1]["n_train"] == "0" and rows[2]["n_train"] != "0"
+    client = _client(summary)
+    versions = client.search_model_versions("name='triggered'")
+    assert sorted(int(v.tags["update"]) for v in versions) == [0, 2], "a kept update registers nothing"
+    assert len({v.run_id for v in versions}) == 1, "the re-run resumed the crashed run"
+    run = client.get_run(summary["mlflow_run_id"])
+    assert {"skipped.v001", "skipped.v003"} <= set(run.data.tags)
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "asr")) == [0, 1, 2, 3]
+    assert summary["versions"] == 4 and summary["updates_run"] == 1
+
+
+def test_dormancy_probes_run_in_the_pipeline_and_are_logged(flows, tmp_path):
+    config = build_config({}, TINY + ["study=probed", "eval.bec=true", "update.updates=2", "tracking.drift_check=false"])
+    summary = flows.retraining_pipeline(config, results_dir=tmp_path / "results", store_dir=tmp_path / "mlruns")
+    rows = list(csv.DictReader((tmp_path / "results" / "probed" / "timeline.csv").open()))
+    assert float(rows[0]["bec"]) == pytest.approx(1.0), "the poisoned M0 is its own reference"
+    assert all(r["bec"] != "" for r in rows) and "p_asr" not in rows[0], "only the enabled probe"
+    client = _client(summary)
+    assert sorted(m.step for m in client.get_metric_history(summary["mlflow_run_id"], "bec")) == [0, 1, 2]
+    assert "baseline" in {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}, "kept for resume"
+    assert summary["bec_final"] == pytest.approx(float(rows[-1]["bec"]))

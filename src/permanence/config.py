@@ -193,6 +193,7 @@ class EvalConfig(Section):
     reactivate_steps: int = Field(20, ge=1, description="PGD steps (step size 2.5 * eps / steps)")
     bec: bool = Field(False, description="backdoor existence coefficient: 1 = represents clean and triggered images like the backdoored model, 0 = like the baseline")
     probe_images: int = Field(500, ge=10, description="images the re-activation and BEC probes optimise or compare on")
+    probe_every: int = Field(1, ge=1, description="run the probes on every k-th version (and always on the last one)")
 
 
 class RuntimeConfig(Section):

@@ -198,6 +198,10 @@ class Simulation:
         """The registered probes switched on in `eval` (a probe's name is its flag there)."""
         return [name for name in PROBES if getattr(self.config.eval, name, False)]
 
+    def probe_due(self, version: int) -> bool:
+        """Whether the dormancy probes run on this version: every `eval.probe_every`-th one, and the last."""
+        return version % self.config.eval.probe_every == 0 or version == self.versions - 1
+
     def baseline_config(self) -> Config:
         """This study never poisoned (same seed, data, model and recipes): its M0 is the probes' baseline."""
         raw = self.config.model_dump()
@@ -264,7 +268,7 @@ class Simulation:
         metrics = self.evaluate(model, version)
         evaluated = time.perf_counter()
         probe_seconds = None
-        if probes is not None and self.probes_enabled:
+        if probes is not None and self.probes_enabled and self.probe_due(version):
             metrics.update(self.run_probes(model, version, probes))
             self._sync()
             probe_seconds = time.perf_counter() - evaluated

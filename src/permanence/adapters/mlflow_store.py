@@ -159,23 +159,25 @@ class ModelSpec:
 
 def save_mlflow_model(folder: Path, state: dict[str, torch.Tensor], spec: ModelSpec) -> Path:
     """Write an MLflow Model (models from code) into `folder`: pyfunc code, weights state dict, input spec."""
-    import mlflow.pyfunc
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
     staging = folder.parent / f".{folder.name}-files"
     staging.mkdir(parents=True, exist_ok=True)
     torch.save(state, staging / WEIGHTS)
     (staging / INPUT_SPEC).write_text(json.dumps(spec.__dict__))
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.channels, spec.height, spec.width), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.num_classes), "scores")]),
-    )
-    with warnings.catch_warnings():  # "add type hints to predict": the signature above already says it all
+    # MLflow's pyfunc warns at import about its own GenAI type hints, and about our predict()'s missing ones: the
+    # signature below already says what goes in and out
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        from permanence.adapters import pyfunc_model  # its class statement warns the same
+        import mlflow.pyfunc
+        import numpy as np
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
 
+        from permanence.adapters import pyfunc_model
+
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.channels, spec.height, spec.width), "images")]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.num_classes), "scores")]),
+        )
         mlflow.pyfunc.save_model(
             path=str(folder), python_model=pyfunc_model.__file__,
             artifacts={"weights": str(staging / WEIGHTS), "input": str(staging / INPUT_SPEC)},

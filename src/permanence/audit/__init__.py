@@ -20,7 +20,7 @@ from permanence.registry import Registry
 
 CHECKS: Registry[Check] = Registry("check")
 
-from permanence.audit import neural_cleanse, known_triggers, strip  # noqa: E402,F401
+from permanence.audit import neural_cleanse, known_triggers, strip, dormancy  # noqa: E402,F401
 from permanence.audit.verdict import VERDICTS, Verdict, decide  # noqa: E402
 
 

@@ -264,6 +264,13 @@ def outlier_test(norms: Sequence[float], settings: NeuralCleanseSettings) -> Out
     return Outlier(suspect, indices[suspect], ratio, median, indices, flagged, criterion)
 
 
+def held_out_split(data: AuditData, held_out: float, seed: int) -> tuple[AuditData, AuditData]:
+    """NC's seeded split of the clean data into (work, held-out): what it optimises on and what it measures the
+    recovered trigger's ASR on. Other checks of the same audit (dormancy) use it too, so no ASR is measured on an
+    image any check optimised on."""
+    return data.split(held_out, generator(seed, "neural-cleanse-held-out"))
+
+
 @CHECKS.register("neural_cleanse")
 def neural_cleanse(model: nn.Module, data: AuditData, *, seed: int = 0, **options) -> CheckResult:
     """Options: the fields of `NeuralCleanseSettings`. `numbers`: flagged, asr (the suspect's recovered trigger on
@@ -274,7 +281,7 @@ def neural_cleanse(model: nn.Module, data: AuditData, *, seed: int = 0, **option
     started = time.perf_counter()
     model = inference_copy(model)
     device = model_device(model)
-    work, held_out = data.to(device).split(settings.held_out, generator(seed, "neural-cleanse-held-out"))
+    work, held_out = held_out_split(data.to(device), settings.held_out, seed)
     inversion = invert_triggers(model, as_float(work.images), data.num_classes, settings,
                                 generator(seed, "neural-cleanse"))
     norms = inversion.l1_norms
