@@ -281,5 +281,130 @@ def compare(
     out.print(f"comparison written to {Path(files['cells']).parent}/")
 
 
+@app.command()
+def audit(
+    name: Annotated[str, typer.Argument(help="the registered model to audit")],
+    versions: Annotated[str, typer.Option(help="all, an alias (production), or MLflow version numbers: 3,5-9")] = "all",
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                                        help="MLflow tracking server or database (default: --store)")] = None,
+    store: Annotated[Path, typer.Option(help="local MLflow store, when no --tracking-uri is given")] = Path("mlruns"),
+    data: Annotated[Optional[str], typer.Option(help="clean data: a dataset name or FILE.npz (x_test/y_test or x/y, "
+                                                     "uint8); default: the test split named in the version's input.json")] = None,
+    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="folder of a named dataset (e.g. mnist)")] = None,
+    checks: Annotated[str, typer.Option(help="comma-separated audit checks")] = "neural_cleanse,known_triggers,dormancy",
+    option: Annotated[list[str], typer.Option("--option", "-o", help="a check's option: CHECK.KEY=VALUE, e.g. "
+                                              "neural_cleanse.steps=60 (repeatable)")] = [],
+    fail_on: Annotated[str, typer.Option("--fail-on", help="exit 1 on: backdoor, dormant (dormant or backdoor), never")] = "backdoor",
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="also load formats that run code when loaded "
+                                               "(pickled PyTorch models, unverifiable pt2 archives)")] = False,
+    trigger: Annotated[Optional[str], typer.Option(help="a trigger to probe: ATTACK[:SEED]@TARGET or FILE.npz@TARGET "
+                                                        "(mask, pattern)")] = None,
+    baseline: Annotated[Optional[str], typer.Option(help="never-poisoned model for the probes: models:/NAME/VERSION "
+                                                         "(default: trained by the audit from the clean data)")] = None,
+    candidates: Annotated[Optional[Path], typer.Option(help="inputs for strip: FILE.npz (x)")] = None,
+    probe_all: Annotated[bool, typer.Option("--probe-all", help="run the dormancy probes on every version, not only "
+                                            "where no trigger is live")] = False,
+    workers: Annotated[Optional[int], typer.Option(help="worker processes for the checks (default: up to 2)")] = None,
+    results: Annotated[Path, typer.Option(help="folder for results/audit-<name>/")] = Path("results"),
+    report: Annotated[str, typer.Option(help="report format: html or md")] = "html",
+    seed: Annotated[int, typer.Option(help="seed of the audit's own draws")] = 0,
+    progress: Annotated[bool, typer.Option(help="show the live view")] = True,
+) -> None:
+    """Scan every version of a registered model for live and dormant backdoors, blind (no trigger known)."""
+    import os
+
+    import yaml
+
+    for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0"),
+                       ("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")):  # an unreachable server fails in seconds
+        os.environ.setdefault(key, value)
+    import torch
+
+    from permanence.adapters.registry_audit import AuditRequest, prepare, run, write
+
+    torch.set_num_threads(1)  # one thread per process (the checks' workers too): same numbers for any --workers
+    options: dict[str, dict] = {}
+    try:
+        for text in option:
+            key, sep, raw = text.partition("=")
+            check, dot, field = key.strip().partition(".")
+            if not sep or not dot or not field:
+                raise PermanenceError(f"--option {text!r}: expected CHECK.KEY=VALUE, e.g. neural_cleanse.steps=60")
+            options.setdefault(check, {})[field] = yaml.safe_load(raw) if raw.strip() else None
+        if workers is not None and workers < 1:
+            raise PermanenceError(f"--workers: must be >= 1 (got {workers})")
+        request = AuditRequest(
+            name, versions=versions, tracking_uri=tracking_uri, store=store, data=data, data_root=data_root,
+            checks=tuple(c.strip() for c in checks.split(",") if c.strip()), options=options, fail_on=fail_on,
+            trust_pickle=trust_pickle, trigger=trigger, baseline=baseline, candidates=candidates, results=results,
+            report=report, seed=seed, probe_all=probe_all, workers=workers)
+    except PermanenceError as err:
+        fail(str(err))
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}")]
+    with Progress(*columns, console=console, disable=not progress, transient=False) as bars:
+        tasks: dict[str, int] = {}
+
+        def bar(key: str, total: int | None) -> int:
+            if key not in tasks:
+                tasks[key] = bars.add_task(f"  {key}" if key != "versions" else f"{name} versions", total=total, info="")
+            return tasks[key]
+
+        def on_event(check: str, version, state: str, info: str) -> None:
+            if check == "load":
+                bars.update(bar("loading", None), advance=state == "done", info=f"v{version} {info}")
+            elif check == "verdict":
+                bars.update(bar("versions", None), advance=1, info=f"v{version}: {info}")
+            elif check in ("baseline", "report"):
+                bars.update(bar(check, 1), completed=state == "done", info=info)
+            elif state == "plan":
+                bars.update(bar(check, None), total=bars.tasks[bar(check, None)].total + int(info))
+            elif state == "start":
+                bars.update(bar(check, None), info=f"v{version}")
+            else:
+                bars.update(bar(check, None), advance=1, info=f"v{version} {info}")
+
+        try:
+            plan = prepare(request, on_event)
+            for check in request.checks:
+                bars.update(bar(check, None), total=len(plan.versions))
+            bars.update(bar("versions", None), total=len(plan.versions))
+            result = run(plan, on_event)
+            paths = write(result, on_event)
+        except PermanenceError as err:
+            bars.stop()
+            fail(str(err))
+    table = Table(title=f"audit of {name}: {len(result.rows)} versions", header_style="bold")
+    for column in ("version", "update", "format", "verdict", "target", "NC anomaly", "NC ASR", "lineage ASR",
+                   "P-ASR (base)", "re-act. (base)", "s"):
+        table.add_column(column, justify="right")
+    colours = {"clean": "green", "backdoor": "red", "dormant": "yellow", "inconclusive": "white"}
+    from permanence.adapters.registry_audit import verdict_target
+
+    for row in result.rows:
+        pair = lambda key, base: f"{row.number('dormancy', key):.2f} ({row.number('dormancy', base):.2f})" \
+            if row.number("dormancy", key) == row.number("dormancy", key) else "-"  # noqa: E731
+        target = verdict_target(row, result.lineage)
+        table.add_row(str(row.version), row.loaded.ref.update or "-", row.loaded.kind,
+                      f"[{colours[row.verdict.verdict]}]{row.verdict.verdict}[/]", "-" if target is None else str(target),
+                      _fmt(row.number("neural_cleanse", "anomaly_index")), _fmt(row.number("neural_cleanse", "asr")),
+                      _fmt(row.number("dormancy", "asr")), pair("p_asr", "p_asr_clean"),
+                      pair("reactivated_asr", "reactivated_asr_clean"), f"{sum(row.seconds.values()):.1f}")
+    out.print(table)
+    for note in result.notes:
+        out.print(f"  note: {note}", highlight=False, soft_wrap=True)
+    lineage = f"{result.lineage.source} -> class {result.lineage.target}" if result.lineage else "none"
+    out.print(f"  lineage trigger: {lineage}; baseline: {result.baseline_label}", highlight=False, soft_wrap=True)
+    out.print(f"  report: {paths['report']}; MLflow run {paths['run_id']} (experiment audit-{name}); "
+              f"tags audit.* on {len(result.rows)} versions; {result.seconds:.0f} s", highlight=False, soft_wrap=True)
+    tripped = result.tripped()
+    if tripped:
+        out.print(f"[bold red]gate --fail-on {fail_on} tripped:[/] " + ", ".join(
+            f"v{r.version} {r.verdict.verdict}" for r in tripped), highlight=False)
+        raise typer.Exit(1)
+    out.print(f"[bold green]gate --fail-on {fail_on} passes[/]", highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

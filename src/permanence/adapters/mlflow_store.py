@@ -175,8 +175,8 @@ def save_mlflow_model(folder: Path, state: dict[str, torch.Tensor], spec: ModelS
         from permanence.adapters import pyfunc_model
 
         signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.channels, spec.height, spec.width), "images")]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.num_classes), "scores")]),
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.channels, spec.height, spec.width))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.num_classes))]),
         )
         mlflow.pyfunc.save_model(
             path=str(folder), python_model=pyfunc_model.__file__,

@@ -34,7 +34,7 @@ class PermanenceClassifier(PythonModel):
         spec = json.loads(Path(context.artifacts["input"]).read_text())
         self.model = load_classifier(context.artifacts["weights"], spec)
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         images = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         with torch.no_grad():
             return self.model(images).float().numpy()

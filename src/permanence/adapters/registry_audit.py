@@ -77,6 +77,7 @@ class AuditRequest:
     alpha: float = 0.5
     margin: float = 0.25
     probe_all: bool = False
+    workers: int | None = None  # processes for the checks; None: up to 2
 
 
 @dataclass
@@ -311,6 +312,27 @@ def parse_trigger(text: str, shape: tuple[int, int, int], num_classes: int) -> L
     return Lineage(attack.apply, target, f"--trigger {text}")
 
 
+def _dormancy_options(options: dict[str, Any]) -> dict[str, Any]:
+    """`probes` as a list (a comma string from the command line); EvalConfig's probe fields into `settings`."""
+    from permanence.config import EvalConfig
+    from permanence.dormancy import PROBES
+
+    options = dict(options)
+    probes = options.get("probes")
+    if isinstance(probes, str):
+        options["probes"] = [p.strip() for p in probes.split(",") if p.strip()]
+    for probe in options.get("probes", []):
+        PROBES.get(probe, "--option dormancy.probes")
+    fields = {key: options.pop(key) for key in list(options) if key in EvalConfig.model_fields}
+    if fields:
+        try:
+            options["settings"] = EvalConfig(**fields)
+        except Exception as err:  # noqa: BLE001: pydantic's validation error, shown as one line
+            first = getattr(err, "errors", lambda: [{"loc": ("?",), "msg": str(err)}])()[0]
+            raise PermanenceError(f"--option dormancy.{first['loc'][0]}: {first['msg']}") from None
+    return options
+
+
 def check_options(request: AuditRequest) -> dict[str, dict[str, Any]]:
     """Each requested check's options, validated now (a typo fails before anything runs)."""
     out: dict[str, dict[str, Any]] = {}
@@ -334,12 +356,14 @@ def check_options(request: AuditRequest) -> dict[str, dict[str, Any]]:
                 raise PermanenceError(f"--option neural_cleanse.held_out: the dormancy check measures on the same "
                                       f"split; keep {HELD_OUT}")
         else:
-            try:
-                inspect.signature(CHECKS.get(name)).bind(None, None, **options)
-            except TypeError:
-                allowed = [p for p in inspect.signature(CHECKS.get(name)).parameters if p not in ("model", "data")
-                           and p not in reserved.get(name, set())]
-                raise PermanenceError(f"--option {name}.{next(iter(options))}: unknown; allowed: {', '.join(allowed)}") from None
+            if name == "dormancy":
+                options = _dormancy_options(options)
+            parameters = inspect.signature(CHECKS.get(name)).parameters
+            allowed = [p for p in parameters if p not in ("model", "data", "settings") and p not in reserved.get(name, set())]
+            unknown = [key for key in options if key not in parameters or key in ("model", "data")]
+            if unknown:
+                extra = ", and eval's probe settings (e.g. reactivate_steps)" if name == "dormancy" else ""
+                raise PermanenceError(f"--option {name}.{unknown[0]}: unknown; allowed: {', '.join(allowed)}{extra}")
         out[name] = options
     return out
 
@@ -395,14 +419,60 @@ def prepare(request: AuditRequest, on_event: ProgressFn = _quiet) -> AuditPlan:
 
 # --- run ----------------------------------------------------------------------------------------
 
-def _timed(row: VersionAudit, name: str, on_event: ProgressFn, run: Callable[[], CheckResult]) -> CheckResult:
-    on_event(name, row.version, "start", "")
+# Workers are forked: they inherit the plan (models, data, baseline) instead of receiving pickles of them.
+_FORKED: dict[str, Any] = {}
+
+
+def default_workers() -> int:
+    import os
+
+    return max(1, min(2, len(os.sched_getaffinity(0))))
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _call(task: tuple[str, int]) -> tuple[str, int, CheckResult, float]:
+    """One check on one version, inline or in a forked worker."""
+    check, index = task
+    plan: AuditPlan = _FORKED["plan"]
+    kwargs = dict(_FORKED["kwargs"][check])
+    loaded = plan.versions[index]
+    if check == "dormancy" and not loaded.has_features:
+        kwargs["probes"] = [p for p in kwargs.get("probes", []) if p != "bec"]
     started = time.perf_counter()
-    result = run()
-    row.seconds[name] = row.seconds.get(name, 0.0) + time.perf_counter() - started
-    row.checks[name] = result
-    on_event(name, row.version, "done", f"{'flagged' if result.flagged else 'not flagged'}")
-    return result
+    result = CHECKS.get(check)(loaded.model, plan.data, **kwargs)
+    return check, index, result, time.perf_counter() - started
+
+
+def execute(plan: AuditPlan, rows: list[VersionAudit], tasks: list[tuple[str, int]], kwargs: dict[str, dict[str, Any]],
+            workers: int, on_event: ProgressFn) -> None:
+    """Run (check, version index) tasks, in `workers` forked processes of one thread each where there are several;
+    each result lands in its row."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    def record(done: tuple[str, int, CheckResult, float]) -> None:
+        check, index, result, seconds = done
+        row = rows[index]
+        row.checks[check] = result
+        row.seconds[check] = row.seconds.get(check, 0.0) + seconds
+        on_event(check, row.version, "done", "flagged" if result.flagged else "not flagged")
+
+    _FORKED.update(plan=plan, kwargs=kwargs)
+    try:
+        if workers <= 1 or len(tasks) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+            for task in tasks:
+                on_event(task[0], rows[task[1]].version, "start", "")
+                record(_call(task))
+            return
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context, initializer=_one_thread) as pool:
+            for future in as_completed([pool.submit(_call, task) for task in tasks]):
+                record(future.result())
+    finally:
+        _FORKED.clear()
 
 
 def choose_lineage(plan: AuditPlan, rows: list[VersionAudit]) -> Lineage | None:
@@ -429,36 +499,34 @@ def run(plan: AuditPlan, on_event: ProgressFn = _quiet) -> AuditResult:
     request, data = plan.request, plan.data
     started_at, started = datetime.now(timezone.utc), time.perf_counter()
     rows = [VersionAudit(v) for v in plan.versions]
+    workers = request.workers or default_workers()
     timings: dict[str, float] = {}
     notes: list[str] = []
     seed = request.seed
-    for row in rows:
-        model = row.loaded.model
-        if "neural_cleanse" in plan.check_options:
-            _timed(row, "neural_cleanse", on_event, lambda: CHECKS.get("neural_cleanse")(
-                model, data, seed=seed, **plan.check_options["neural_cleanse"]))
-        if "known_triggers" in plan.check_options:
-            _timed(row, "known_triggers", on_event, lambda: CHECKS.get("known_triggers")(
-                model, data, **plan.check_options["known_triggers"]))
-        if "strip" in plan.check_options:
-            _timed(row, "strip", on_event, lambda: CHECKS.get("strip")(
-                model, data, candidates=plan.candidates, seed=seed, **plan.check_options["strip"]))
+    options = plan.check_options
+    scan = {"neural_cleanse": {"seed": seed}, "known_triggers": {}, "strip": {"candidates": plan.candidates, "seed": seed}}
+    kwargs = {name: {**extra, **options[name]} for name, extra in scan.items() if name in options}
+    # the slowest check first, so that the workers' queues even out
+    tasks = [(name, i) for name in kwargs for i in range(len(rows))]
+    began = time.perf_counter()
+    execute(plan, rows, tasks, kwargs, workers, on_event)
+    timings["scan"] = time.perf_counter() - began
 
-    lineage = choose_lineage(plan, rows) if "dormancy" in plan.check_options else None
+    lineage = choose_lineage(plan, rows) if "dormancy" in options else None
     base_numbers: dict[str, float] = {}
     baseline_label = plan.baseline_label
-    if "dormancy" in plan.check_options and lineage is None:
+    if "dormancy" in options and lineage is None:
         notes.append("dormancy: no trigger to probe (neural_cleanse flagged no version and none was given with --trigger)")
     if lineage is not None:
-        options = dict(plan.check_options["dormancy"])
-        probes = list(options.pop("probes", DEFAULT_PROBES + ("bec",)))
+        dormancy_options = dict(options["dormancy"])
+        probes = list(dormancy_options.pop("probes", DEFAULT_PROBES + ("bec",)))
         measure = dict(trigger=lineage.trigger, target=lineage.target, alpha=request.alpha, margin=request.margin,
-                       seed=seed)
-        for row in rows:  # the lineage trigger's ASR on every version: cheap, and what decides where to probe
-            _timed(row, "dormancy", on_event, lambda: CHECKS.get("dormancy")(row.loaded.model, data, probes=[],
-                                                                             **measure, **options))
-        due = [row for row in rows if request.probe_all or not (_live_elsewhere(row, request.alpha)
-                                                                or row.number("dormancy", "asr") >= request.alpha)]
+                       seed=seed, **dormancy_options)
+        # the lineage trigger's ASR on every version: cheap (one forward pass), and it decides where the probes run
+        execute(plan, rows, [("dormancy", i) for i in range(len(rows))], {"dormancy": {**measure, "probes": []}}, 1,
+                on_event)
+        due = [i for i, row in enumerate(rows) if request.probe_all or not (
+            _live_elsewhere(row, request.alpha) or row.number("dormancy", "asr") >= request.alpha)]
         baseline = plan.baseline
         if due and probes and baseline is None and plan.baseline_spec is not None:
             on_event("baseline", None, "start", "training a never-poisoned baseline")
@@ -466,27 +534,29 @@ def run(plan: AuditPlan, on_event: ProgressFn = _quiet) -> AuditResult:
             spec = plan.baseline_spec
             baseline = train_clean_baseline(spec.model, data, spec.mean, spec.std, seed=seed)
             timings["baseline training"] = time.perf_counter() - began
-            on_event("baseline", None, "done", f"{timings['baseline training']:.1f} s")
+            on_event("baseline", None, "done", f"trained in {timings['baseline training']:.1f} s")
+            baseline_label = (f"trained by the audit ({spec.model}, the project's initial recipe, on the clean data's "
+                              f"work split)")
         if due and probes and baseline is None:
             notes.append("dormancy probes skipped: no never-poisoned baseline (a foreign model: pass --baseline "
                          "models:/NAME/VERSION)")
         elif due and probes:
             began = time.perf_counter()
-            on_event("baseline", None, "start", "baseline's side of the probes")
+            on_event("baseline", None, "start", "the baseline's side of the probes")
             base_numbers = baseline_numbers(baseline, data, lineage.trigger, lineage.target, probes=probes, seed=seed,
-                                            settings=options.get("settings"))
+                                            settings=dormancy_options.get("settings"))
             timings["baseline probes"] = time.perf_counter() - began
-            on_event("baseline", None, "done", f"{timings['baseline probes']:.1f} s")
+            on_event("baseline", None, "done", f"trained and probed in {sum(timings.values()) - timings['scan']:.1f} s")
             live = [row for row in rows if row.number("dormancy", "asr") >= request.alpha]
             reference = max(live, key=lambda r: r.number("dormancy", "asr")).loaded.model if live else None
-            for row in due:
-                row.seconds.pop("dormancy", None)
-                _timed(row, "dormancy", on_event, lambda: CHECKS.get("dormancy")(
-                    row.loaded.model, data, probes=probes if row.loaded.has_features else
-                    [p for p in probes if p != "bec"], baseline=baseline, baseline_numbers=base_numbers,
-                    reference=reference, **measure, **options))
-        baseline_label = baseline_label if baseline is None or plan.baseline is not None else "trained by the audit " \
-            f"({plan.baseline_spec.model}, the project's initial recipe, on the clean data's work split)"
+            for i in due:
+                rows[i].seconds.pop("dormancy", None)
+            on_event("dormancy", None, "plan", str(len(due)))
+            began = time.perf_counter()
+            execute(plan, rows, [("dormancy", i) for i in due], {"dormancy": {
+                **measure, "probes": probes, "baseline": baseline, "baseline_numbers": base_numbers,
+                "reference": reference}}, workers, on_event)
+            timings["probes"] = time.perf_counter() - began
     for row in rows:
         dormancy_numbers = row.checks["dormancy"].numbers if "dormancy" in row.checks else None
         row.verdict = decide(row.checks, dormancy_numbers, alpha=request.alpha, margin=request.margin)

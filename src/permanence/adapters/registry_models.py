@@ -180,13 +180,15 @@ def select_versions(client, name: str, selection: str) -> list[VersionRef]:
 
 
 def download(ref: VersionRef, uri: str, folder: Path) -> Path:
-    """The version's model files, copied to `folder`."""
+    """The version's model files, copied to `folder`. (Resolved through an explicit client: `download_artifacts` of
+    a `models:/` URI asks the default registry, which may not be this one.)"""
     import mlflow.artifacts
+    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=str(folder), tracking_uri=uri,
-                                                        registry_uri=uri))
+        source = MlflowClient(uri, registry_uri=uri).get_model_version_download_uri(ref.name, str(ref.version))
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(folder), tracking_uri=uri))
     except (MlflowException, OSError) as err:
         raise PermanenceError(f"version {ref.version}: its model files cannot be read ({type(err).__name__}: "
                               f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
