@@ -26,9 +26,10 @@ from permanence.simulation import ProgressCallback, Simulation
 def retraining_pipeline(config: Config, results_dir: Path = Path("results"), store_dir: Path = Path("mlruns"),
                         on_event: ProgressCallback | None = None,
                         on_version: Callable[[dict[str, Any], bool], None] | None = None,
-                        simulation: Any = None) -> dict[str, Any]:
+                        simulation: Any = None, export_dir: Path | None = None) -> dict[str, Any]:
     """Run (or resume) the study's timeline; returns the summary. `on_version(record, resumed)` sees each version.
 
+    `export_dir`: also write the timeline's files there under fixed names (DVC's metrics and plots).
     `simulation`: a `Simulation` already built from `config` (the CLI builds one to check the input before the
     flow starts). Typed `Any` because Prefect derives a parameter schema from the annotations on every call, and
     a `Simulation` annotation measured 2 s slower on the digits timeline (bench/overhead.py: 15.1 s vs 13.1 s).
@@ -36,7 +37,8 @@ def retraining_pipeline(config: Config, results_dir: Path = Path("results"), sto
     if simulation is not None and simulation.config != config:
         raise ValueError("simulation was built from another config")
     sim = simulation or Simulation(config)  # validates data, attack and drift before anything is written
-    return run_timeline(sim, StudyStore(config, store_dir), results_dir, on_event=on_event, on_version=on_version)
+    return run_timeline(sim, StudyStore(config, store_dir), results_dir, on_event=on_event, on_version=on_version,
+                        export_dir=export_dir)
 
 
 if __name__ == "__main__":

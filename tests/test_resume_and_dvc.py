@@ -107,16 +107,43 @@ def test_dvc_repro_and_exp_run(tmp_path):
     assert run(str(BIN / "dvc"), "init", "-q").returncode == 0
     assert run(*git, "add", "-A").returncode == 0 and run(*git, "commit", "-qm", "init").returncode == 0
 
-    repro = run(str(BIN / "dvc"), "repro")
-    assert repro.returncode == 0, repro.stdout[-2000:] + repro.stderr[-2000:]
-    summary = json.loads((repo / "results" / "dvc_study" / "summary.json").read_text())
-    assert summary["versions"] == 3 and summary["attack"] == "badnets"
-    assert (repo / "dvc.lock").exists()
-    metrics = run(str(BIN / "dvc"), "metrics", "show", "--json")
-    assert metrics.returncode == 0 and "survivability" in metrics.stdout
-
-    assert run(*git, "add", "-A").returncode == 0 and run(*git, "commit", "-qm", "baseline").returncode == 0
-    exp = run(str(BIN / "dvc"), "exp", "run", "-S", "attack.ratio=0.2")
-    assert exp.returncode == 0, exp.stdout[-2000:] + exp.stderr[-2000:]
-    rows = list(csv.DictReader((repo / "results" / "dvc_study" / "timeline.csv").open()))
+    dvc = str(BIN / "dvc")
+    names = []
+    for policy in ("stlr", "fst"):  # two experiments side by side, each from the same baseline commit
+        exp = run(dvc, "exp", "run", "-S", f"update.policy={policy}", "-S", "attack.ratio=0.2", "-n", f"exp-{policy}")
+        assert exp.returncode == 0, exp.stdout[-2000:] + exp.stderr[-2000:]
+        names.append(f"exp-{policy}")
+    rows = list(csv.DictReader((repo / "outputs" / "timeline.csv").open()))
     assert int(rows[0]["n_poisoned"]) == round(0.2 * int(rows[0]["n_train"])), "the experiment ran with the new ratio"
+    summary = json.loads((repo / "results" / "dvc_study" / "summary.json").read_text())
+    assert summary["versions"] == 3 and summary["policy"] == "fst"
+    assert (repo / "dvc.lock").exists()
+
+    shown = run(dvc, "exp", "show", "--json")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    experiments = {}
+
+    def collect(node):
+        if isinstance(node, dict):
+            if node.get("name") in names and node.get("data"):
+                experiments[node["name"]] = node["data"]
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(json.loads(shown.stdout))
+    assert set(experiments) == set(names), shown.stdout[:3000]
+    for name, data in experiments.items():
+        metrics = data["metrics"]["outputs/summary.json"]["data"]
+        policy = data["params"]["params.yaml"]["data"]["update"]["policy"]
+        assert isinstance(metrics["survivability"], int) and f"exp-{policy}" == name
+
+    diff = run(dvc, "plots", "diff", *names, "--json")
+    assert diff.returncode == 0, diff.stderr[-2000:]
+    plotted = json.loads(diff.stdout)["data"]["outputs/timeline.csv"]
+    values = [point for entry in plotted for point in entry["content"]["data"]["values"]]
+    for name in names:
+        updates = sorted({int(p["update"]) for p in values if p["rev"] == name})
+        assert updates == [0, 1, 2], f"{name}'s whole timeline is in the plot data"

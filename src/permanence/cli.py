@@ -53,6 +53,8 @@ def simulate(
     results: Annotated[Path, typer.Option(help="folder for results/<study>/")] = Path("results"),
     store: Annotated[Path, typer.Option(help="local MLflow store (ignored if MLFLOW_TRACKING_URI is set)")] = Path("mlruns"),
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    export: Annotated[Optional[Path], typer.Option(help="also write timeline.csv, summary.json and timeline.png to this "
+                                                        "fixed folder (what dvc.yaml tracks)")] = None,
 ) -> None:
     """Run (or resume) a study through the Prefect flow, tracked in MLflow."""
     overrides = list(set_) + ([f"study={study}"] if study is not None else [])
@@ -90,7 +92,7 @@ def simulate(
 
         try:
             summary = flows.retraining_pipeline(cfg, results_dir=results, store_dir=store, on_event=on_event, on_version=on_version,
-                                                   simulation=simulation)
+                                                   simulation=simulation, export_dir=export)
         except PermanenceError as err:
             fail(str(err))
     _print_summary(summary, results / cfg.study)
@@ -376,21 +378,26 @@ def audit(
             bars.stop()
             fail(str(err))
     table = Table(title=f"audit of {name}: {len(result.rows)} versions", header_style="bold")
-    for column in ("version", "update", "format", "verdict", "target", "NC anomaly", "NC ASR", "lineage ASR",
-                   "P-ASR (base)", "re-act. (base)", "s"):
+    for column in ("ver", "update", "format", "verdict", "target", "NC index", "NC ASR", "lineage ASR", "P-ASR (base)",
+                   "react. (base)"):
         table.add_column(column, justify="right")
     colours = {"clean": "green", "backdoor": "red", "dormant": "yellow", "inconclusive": "white"}
     from permanence.adapters.registry_audit import verdict_target
 
+    def num(value: float) -> str:
+        return "-" if value != value else f"{value:.2f}"
+
+    def pair(row, key: str, base: str) -> str:
+        value = row.number("dormancy", key)
+        return "-" if value != value else f"{value:.2f} ({row.number('dormancy', base):.2f})"
+
     for row in result.rows:
-        pair = lambda key, base: f"{row.number('dormancy', key):.2f} ({row.number('dormancy', base):.2f})" \
-            if row.number("dormancy", key) == row.number("dormancy", key) else "-"  # noqa: E731
         target = verdict_target(row, result.lineage)
-        table.add_row(str(row.version), row.loaded.ref.update or "-", row.loaded.kind,
+        table.add_row(str(row.version), row.loaded.ref.update or "-", row.loaded.kind.removeprefix("pytorch-"),
                       f"[{colours[row.verdict.verdict]}]{row.verdict.verdict}[/]", "-" if target is None else str(target),
-                      _fmt(row.number("neural_cleanse", "anomaly_index")), _fmt(row.number("neural_cleanse", "asr")),
-                      _fmt(row.number("dormancy", "asr")), pair("p_asr", "p_asr_clean"),
-                      pair("reactivated_asr", "reactivated_asr_clean"), f"{sum(row.seconds.values()):.1f}")
+                      num(row.number("neural_cleanse", "anomaly_index")), num(row.number("neural_cleanse", "asr")),
+                      num(row.number("dormancy", "asr")), pair(row, "p_asr", "p_asr_clean"),
+                      pair(row, "reactivated_asr", "reactivated_asr_clean"))
     out.print(table)
     for note in result.notes:
         out.print(f"  note: {note}", highlight=False, soft_wrap=True)

@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from permanence.adapters.drift_check import check_drift as evidently_check
 from permanence.adapters.mlflow_store import ModelSpec, StudyLock, StudyStore, load_weights, save_mlflow_model
-from permanence.adapters.outputs import write_outputs
+from permanence.adapters.outputs import atomic_write, write_outputs
 from permanence.dormancy import ProbeModels
 from permanence.simulation import ProgressCallback, Simulation, state_on_cpu
 from permanence.timeline import Timeline, VersionRecord
@@ -142,7 +142,8 @@ def timeline_of(rows: list[dict[str, Any]], alpha: float) -> Timeline:
 
 def run_timeline(sim: Simulation, store: StudyStore, results_dir: Path, *, m0: SharedModel | None = None,
                  baseline: SharedModel | None = None, on_event: ProgressCallback | None = None,
-                 on_version: Callable[[dict[str, Any], bool], None] | None = None, plot: bool = True) -> dict[str, Any]:
+                 on_version: Callable[[dict[str, Any], bool], None] | None = None, plot: bool = True,
+                 export_dir: Path | None = None) -> dict[str, Any]:
     """Run (or resume) one timeline through the registry; returns its summary. `m0`: start from a shared M0
     instead of training one; `baseline`: the probes' shared never-poisoned model; `on_version(row, resumed)`."""
     config = sim.config
@@ -161,6 +162,8 @@ def run_timeline(sim: Simulation, store: StudyStore, results_dir: Path, *, m0: S
                                   plot=plot)
             for path in paths.values():
                 store.log_artifact(path)
+                if export_dir is not None:
+                    atomic_write(export_dir / path.name, path.read_bytes())
             if reports:
                 for report in sorted(Path(reports.name).glob("*.html")):
                     store.log_artifact(report, "drift_reports")
