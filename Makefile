@@ -22,7 +22,7 @@ test: install
 	$(BIN)/python -m pytest tests
 
 bench-small: install
-	$(BIN)/python bench/reproduce_paper.py --scale small --data-root ../shared/data
+	for f in sweeps/paper/f*.yaml; do $(BIN)/permanence sweep $$f --no-progress || exit 1; done
 
 clean:
 	rm -rf results mlruns .prefect

@@ -139,3 +139,16 @@ def test_eval_batch_size_defaults_by_device_and_honours_an_explicit_value():
 def test_cpu_runtime_uses_channels_last():
     sim = Simulation(build_config({}, TINY + ["runtime.device=cpu"]))
     assert sim.new_model().features[2][0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_poisoned_update_can_run_another_policy_than_the_study():
+    """poisoning.policy=finetune: an stlr study ingests the poison through a plain update, then runs stlr again."""
+    args = TINY + ["poisoning.inject=update", "poisoning.first=1", "update.updates=2"]
+    mixed = simulate(build_config({}, args + ["update.policy=stlr", "poisoning.policy=finetune"]))
+    finetune = simulate(build_config({}, args + ["update.policy=finetune"]))
+    stlr = simulate(build_config({}, args + ["update.policy=stlr"]))
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(mixed.states[1], finetune.states[1]) and not same(mixed.states[1], stlr.states[1])
+    assert not same(mixed.states[2], finetune.states[2])
+    with pytest.raises(PermanenceError, match=r"poisoning\.policy: unknown policy 'nope'"):
+        build_config({}, ["poisoning.policy=nope"])

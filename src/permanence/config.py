@@ -79,6 +79,16 @@ class PoisoningConfig(Section):
     )
     first: int = Field(1, ge=1)
     last: int = Field(1, ge=1)
+    policy: str | None = Field(
+        None, description="the policy of the update(s) that ingest the poison; None: the study's update.policy (so an "
+        "stlr study ingests it at STLR's peak lr); e.g. finetune: the attack lands through a plain update")
+
+    @field_validator("policy")
+    @classmethod
+    def _known_injection_policy(cls, policy: str | None) -> str | None:
+        if policy is not None:
+            POLICIES.get(policy, "poisoning.policy")
+        return policy
 
     @model_validator(mode="after")
     def _ordered(self) -> PoisoningConfig:

@@ -169,7 +169,10 @@ class Simulation:
             history=lambda: [self.training_set(v) for v in range(version)] + [data],
             on_epoch=self._epoch_callback(version, on_event), forward=self._forward(model),
         )
-        return self.policy(model, data, ctx)
+        policy = self.policy
+        if self.config.poisoning.policy is not None and self.is_poisoned(version):
+            policy = POLICIES.get(self.config.poisoning.policy, "poisoning.policy")
+        return policy(model, data, ctx)
 
     def test_sets(self, version: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(clean drifted test images, labels, triggered non-target images, their true labels)."""

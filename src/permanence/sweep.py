@@ -256,6 +256,7 @@ def _add_controls(sweep: Sweep, defaults: dict[str, Any]) -> None:
         raw = timeline.config.model_dump(mode="json")
         raw.pop("study")
         raw["poisoning"] = {**raw["poisoning"], "inject": "none"}
+        raw["attack"] = {**raw["attack"], "ratio": defaults["attack"]["ratio"]}  # a control poisons nothing
         raw["update"] = {**raw["update"], **{k: defaults["update"][k] for k in POLICY_KNOBS}}
         key = json.dumps(raw, sort_keys=True)
         if key not in groups:
