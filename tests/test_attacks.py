@@ -86,3 +86,14 @@ def test_wanet_noise_mode_warps_extra_images_but_keeps_their_labels():
 def test_invalid_strength_is_one_line_error(name, strength):
     with pytest.raises(PermanenceError, match=r"^attack\.strength: .*allowed"):
         attack(name, strength)
+
+
+def test_wanet_cross_ratio_sets_the_noise_mode_and_other_attacks_ignore_it():
+    y = _labels()
+    x = torch.randint(0, 255, (100, 1, 16, 16), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    for ratio, expected in ((0, 0), (1, 10)):
+        wanet = build_attack("wanet", target=0, strength=None, image_shape=(1, 16, 16), seed=0, cross_ratio=ratio)
+        p = wanet.poison(x, y, 0.1, torch.Generator().manual_seed(1))
+        assert int(((p.x != x).flatten(1).any(1) & ~p.poisoned).sum()) == expected
+    badnets = build_attack("badnets", target=0, strength=None, image_shape=(1, 16, 16), seed=0, cross_ratio=0)
+    assert not hasattr(badnets, "cross_ratio")

@@ -65,6 +65,9 @@ class AttackConfig(Section):
     strength: float | None = Field(
         None, gt=0, description="patch size (badnets), blend alpha (blended), warp s (wanet), amplitude (sig); None: the attack's default"
     )
+    cross_ratio: float | None = Field(
+        None, ge=0, description="wanet: noise-mode samples per poisoned sample, which keep their labels (None: 2, "
+        "BackdoorBench's; 0: no noise mode)")
 
     @field_validator("name")
     @classmethod

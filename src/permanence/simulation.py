@@ -74,6 +74,7 @@ class Simulation:
         self.attack = build_attack(
             config.attack.name, target=config.attack.target, strength=config.attack.strength,
             image_shape=(self.splits.channels, *self.splits.image_size), seed=config.seed,
+            cross_ratio=config.attack.cross_ratio,
         )
         self.policy = POLICIES.get(config.update.policy, "update.policy")
         on_cuda = self.device.type == "cuda"

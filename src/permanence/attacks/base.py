@@ -23,6 +23,7 @@ class Attack:
     default_strength: ClassVar[float]
     strength_name: ClassVar[str]
     clean_label: ClassVar[bool] = False
+    options: ClassVar[tuple[str, ...]] = ()  # attack-specific settings the config may set (see build_attack)
 
     def __init__(self, *, target: int, strength: float, image_shape: tuple[int, int, int], seed: int) -> None:
         self.target = target

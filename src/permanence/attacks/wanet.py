@@ -10,7 +10,6 @@ from permanence.attacks.base import Attack, PoisonedSet, to_uint8
 from permanence.seeding import generator
 
 GRID_K = 4
-CROSS_RATIO = 2  # noise-mode samples per poisoned sample
 
 
 @ATTACKS.register("wanet")
@@ -18,6 +17,8 @@ class WaNet(Attack):
     name = "wanet"
     default_strength = 0.5
     strength_name = "warp strength s"
+    options = ("cross_ratio",)
+    cross_ratio: float = 2.0  # noise-mode samples per poisoned sample (BackdoorBench's cross_ratio); 0: no noise mode
 
     def check(self) -> None:
         if not 0 < self.strength <= 10:
@@ -42,7 +43,7 @@ class WaNet(Attack):
     def poison(self, x: torch.Tensor, y: torch.Tensor, ratio: float, gen: torch.Generator) -> PoisonedSet:
         poisoned = super().poison(x, y, ratio, gen)
         free = (~poisoned.poisoned).nonzero().squeeze(1).cpu()
-        count = min(len(free), CROSS_RATIO * int(poisoned.poisoned.sum()))
+        count = min(len(free), round(self.cross_ratio * int(poisoned.poisoned.sum())))
         noisy = free[torch.randperm(len(free), generator=gen)[:count]].to(x.device)
         if count:
             height = self.image_shape[1]
