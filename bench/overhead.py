@@ -1,24 +1,70 @@
 """What the pipeline costs on top of the core: the same timeline through `simulate()` alone and through
-the full Prefect flow (MLflow tracking and registry, Evidently drift checks, outputs).
+the full Prefect flow (MLflow tracking and registry, Evidently drift checks, outputs), and where the difference goes.
 
-    python bench/overhead.py --data-root ../shared/data     # MNIST subset (digits if no root is given)
+    python bench/overhead.py                              # the embedded digits
+    python bench/overhead.py --data-root ../shared/data   # the MNIST subset
 
 Run it in the project's environment (`make install`).
 
 One-time start-up costs are measured and printed but not counted: importing the tools, starting Prefect's
 embedded server, creating a new MLflow database. Everything after that is counted, data loading included
-on both sides. The last line is `overhead_ratio=<full/core>`.
+on both sides. The flow's pieces are timed from outside (each Prefect task as called, and the function inside it,
+each MLflow client call, the MLflow Model writing, Evidently's report, the output files) and printed per model
+version. The last line is `overhead_ratio=<full/core>`.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import os
 import shutil
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
+
+SPENT: dict[str, float] = defaultdict(float)
+CALLS: dict[str, int] = defaultdict(int)
+
+
+def timed(label: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            SPENT[label] += time.perf_counter() - started
+            CALLS[label] += 1
+
+    return wrapper
+
+
+def instrument(flows) -> None:
+    """Wrap the pieces of the flow so that their time is counted (the code under test is unchanged)."""
+    from mlflow import MlflowClient
+
+    from permanence.adapters import drift_check, mlflow_store, pipeline
+
+    for name in ("train_initial_model", "load_registered", "ingest", "check_drift", "update_and_evaluate",
+                 "keep_production", "register", "record_skip", "baseline_model", "start_from_shared"):
+        task = getattr(pipeline, name)
+        task.fn = timed(f"task {name}: inside", task.fn)
+        setattr(pipeline, name, timed(f"task {name}: as called", task))
+    for name in ("log_batch", "log_artifacts", "log_artifact", "create_model_version", "set_registered_model_alias",
+                 "get_run", "search_runs", "search_model_versions", "create_run", "set_terminated", "update_run",
+                 "get_metric_history", "get_registered_model", "create_registered_model", "set_tag"):
+        setattr(MlflowClient, name, timed(f"mlflow {name}", getattr(MlflowClient, name)))
+    mlflow_store.save_mlflow_model = timed("MLflow Model files (pyfunc.save_model)", mlflow_store.save_mlflow_model)
+    pipeline.write_outputs = timed("timeline files and plot", pipeline.write_outputs)
+    flows.run_timeline = timed("run_timeline (all but the flow's own start and end)", flows.run_timeline)
+    pipeline.StudyStore.open_run = timed("StudyStore.open_run", pipeline.StudyStore.open_run)
+    pipeline.StudyStore.completed_versions = timed("StudyStore.completed_versions", pipeline.StudyStore.completed_versions)
+    flows.StudyStore = timed("StudyStore() (client, lock, experiment)", flows.StudyStore)
+    drift_check.Report.run = timed("Evidently report", drift_check.Report.run)
+    drift_check.domain_classifier = timed("Evidently domain classifier", drift_check.domain_classifier)
 
 
 def main() -> None:
@@ -73,13 +119,28 @@ def main() -> None:
     # The core runs before and after the flow, so warm-up effects (file cache, first kernels) do not
     # favour whichever side runs second; the ratio divides by the mean of the two.
     before, timeline = core_alone("before the flow")
+    instrument(flows)
     t0 = time.perf_counter()
     summary = flows.retraining_pipeline(config, results_dir=workdir / "results", store_dir=workdir / "mlruns")
     full = time.perf_counter() - t0
     same = summary["clean_acc_final"] == timeline.records[-1].clean_acc and summary["asr_final"] == timeline.records[-1].asr
     print(f"full flow: {full:.1f} s (same final metrics as the core: {same})", flush=True)
     after, _ = core_alone("after the flow")
-    print(f"overhead_ratio={full / ((before + after) / 2):.3f}")
+    core = (before + after) / 2
+    versions = summary["versions"]
+    core_in_flow = summary["train_seconds"] + summary["eval_seconds"]
+    print(f"# per model version ({versions} versions): flow {1000 * full / versions:.0f} ms, core inside the flow "
+          f"(train + eval) {1000 * core_in_flow / versions:.0f} ms, core alone {1000 * core / versions:.0f} ms")
+    print(f"{'component':52} {'ms/version':>10} {'calls':>6}")
+    for label in sorted(SPENT, key=lambda k: -SPENT[k]):
+        print(f"{label:52} {1000 * SPENT[label] / versions:10.1f} {CALLS[label]:6d}")
+    outer = sum(v for k, v in SPENT.items() if k.endswith("as called"))
+    inner = sum(v for k, v in SPENT.items() if k.endswith("inside"))
+    print(f"{'Prefect task machinery (as called - inside)':52} {1000 * (outer - inner) / versions:10.1f}")
+    print(f"{'outside the tasks (run open/close, resume, files)':52} {1000 * (full - outer) / versions:10.1f}")
+    inside_flow = SPENT["run_timeline (all but the flow's own start and end)"] + SPENT["StudyStore() (client, lock, experiment)"]
+    print(f"{'the Prefect flow run itself (start, parameters, end)':52} {1000 * (full - inside_flow) / versions:10.1f}")
+    print(f"overhead_ratio={full / core:.3f}")
 
 
 if __name__ == "__main__":
