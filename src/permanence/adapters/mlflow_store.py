@@ -12,16 +12,20 @@ file lock, and a timeline is written by one process at a time (a second one stop
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from filelock import FileLock, Timeout
 
 from permanence.config import Config
@@ -187,6 +191,31 @@ def save_mlflow_model(folder: Path, state: dict[str, torch.Tensor], spec: ModelS
     return folder
 
 
+class ModelFolders:
+    """Writes the MLflow Model folders of one timeline's versions. The first goes through `save_model`; the others are
+    copies of it with their own weights and a fresh `model_uuid`, time and size. Everything else in the folder (the
+    code, the environment, the signature, the input spec) is the same for every version of a timeline, and
+    `save_model` spent 40-110 ms a version re-checking requirements and re-writing it (bench/overhead.py)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self._template: tempfile.TemporaryDirectory | None = None
+
+    def write(self, folder: Path, state: dict[str, torch.Tensor]) -> Path:
+        if self._template is None:
+            self._template = tempfile.TemporaryDirectory(prefix="permanence-model-")
+            save_mlflow_model(Path(self._template.name) / "model", state, self.spec)
+            shutil.copytree(Path(self._template.name) / "model", folder)
+            return folder
+        shutil.copytree(Path(self._template.name) / "model", folder, ignore=shutil.ignore_patterns(WEIGHTS))
+        torch.save(state, folder / "artifacts" / WEIGHTS)
+        mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+        mlmodel.update(model_uuid=uuid.uuid4().hex, utc_time_created=str(datetime.datetime.utcnow()),
+                       model_size_bytes=sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()))
+        (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel, default_flow_style=False, sort_keys=True))
+        return folder
+
+
 def load_weights(client_uri: str, source: str) -> dict[str, torch.Tensor]:
     """The state dict of a Permanence MLflow Model at `source`, loaded without unpickling code."""
     import mlflow.artifacts
@@ -219,6 +248,7 @@ class StudyStore:
         self.run_id: str | None = None
         self._artifact_uri: str | None = None
         self._registered = False
+        self._folders: ModelFolders | None = None
 
     # --- the run --------------------------------------------------------------------------------
     def _runs(self, status_clause: str) -> list:
@@ -326,8 +356,10 @@ class StudyStore:
     def register_version(self, record: dict[str, Any], state: dict[str, torch.Tensor], spec: ModelSpec) -> str:
         """Log the version as an MLflow Model, then create the registry version with all its tags in one call."""
         folder = f"versions/v{int(record['version']):03d}"
+        if self._folders is None or self._folders.spec != spec:
+            self._folders = ModelFolders(spec)
         with tempfile.TemporaryDirectory() as tmp:
-            self.client.log_artifacts(self.run_id, str(save_mlflow_model(Path(tmp) / "model", state, spec)), folder)
+            self.client.log_artifacts(self.run_id, str(self._folders.write(Path(tmp) / "model", state)), folder)
         if self._artifact_uri is None:
             self._artifact_uri = self.client.get_run(self.run_id).info.artifact_uri
         return self._create_version(record, f"{self._artifact_uri}/{folder}", self.run_id)
