@@ -43,6 +43,24 @@ def batches_per_epoch(n: int, batch_size: int, runtime: Runtime) -> int:
     return full + (1 if ragged >= 2 and not runtime.drop_ragged else 0) or 1
 
 
+BatchStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (prepared inputs, labels) -> the batch's loss
+
+
+def optimizer_step(forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], runtime: Runtime) -> BatchStep:
+    """The plain step: one forward and backward pass, then the optimizer."""
+
+    def step(inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with runtime.autocast():
+            loss = loss_fn(forward(inputs), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
 def train(
     model: nn.Module,
     x: torch.Tensor,
@@ -50,16 +68,19 @@ def train(
     *,
     epochs: int,
     batch_size: int,
-    optimizer: torch.optim.Optimizer,
     runtime: Runtime,
     gen: torch.Generator,
+    optimizer: torch.optim.Optimizer | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     on_epoch: EpochCallback | None = None,
+    step: BatchStep | None = None,
 ) -> float:
-    """Train in place for `epochs`; returns the last epoch's mean loss. The scheduler steps per batch."""
+    """Train in place for `epochs`; returns the last epoch's mean loss. The scheduler steps per batch. `step` replaces
+    the plain optimizer step (e.g. SAM's two passes); by default it is `optimizer_step` with `optimizer`."""
     forward = model if forward is None else forward
+    step = step or optimizer_step(forward, optimizer, loss_fn, runtime)
     model.train()
     n = len(y)
     steps = batches_per_epoch(n, batch_size, runtime)
@@ -67,13 +88,9 @@ def train(
     for epoch in range(epochs):
         order = torch.randperm(n, generator=gen).to(x.device)
         total = torch.zeros((), device=x.device)
-        for step in range(steps):
-            idx = order[step * batch_size : (step + 1) * batch_size]
-            with runtime.autocast():
-                loss = loss_fn(forward(runtime.prepare(x[idx])), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        for batch in range(steps):
+            idx = order[batch * batch_size : (batch + 1) * batch_size]
+            loss = step(runtime.prepare(x[idx]), y[idx])
             if scheduler is not None:
                 scheduler.step()
             total += loss.detach()

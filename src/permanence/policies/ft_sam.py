@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from permanence.models import Classifier
 from permanence.policies import POLICIES, TrainingSet, UpdateContext
-from permanence.training import EpochCallback, Runtime, batches_per_epoch, sgd
+from permanence.training import BatchStep, Runtime, batches_per_epoch, sgd, train
 
 
 @torch.no_grad()
@@ -77,50 +77,25 @@ def frozen_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
             m.momentum = momentum
 
 
-def train_sam(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    epochs: int,
-    batch_size: int,
-    sam: SAM,
-    runtime: Runtime,
-    gen: torch.Generator,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    on_epoch: EpochCallback | None = None,
-) -> float:
-    """training.train with SAM's two passes per step; same batches from the same seeded permutations."""
-    forward = model if forward is None else forward
-    model.train()
-    n = len(y)
-    steps = batches_per_epoch(n, batch_size, runtime)
-    loss_value = float("nan")
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=gen).to(x.device)
-        total = torch.zeros((), device=x.device)
-        for step in range(steps):
-            idx = order[step * batch_size : (step + 1) * batch_size]
-            inputs, target = runtime.prepare(x[idx]), y[idx]
+def sam_step(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], sam: SAM,
+             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], runtime: Runtime) -> BatchStep:
+    """SAM's step for `training.train`: a forward/backward pass, the ascent to w + e(w), a second pass there (BatchNorm's
+    running statistics left alone), then the base optimizer's step from w with the perturbed gradient."""
+
+    def step(inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with runtime.autocast():
+            loss = loss_fn(forward(inputs), labels)
+        sam.zero_grad()
+        loss.backward()
+        sam.ascend()
+        with frozen_batchnorm_statistics(model):
             with runtime.autocast():
-                loss = loss_fn(forward(inputs), target)
-            sam.zero_grad()
-            loss.backward()
-            sam.ascend()
-            with frozen_batchnorm_statistics(model):
-                with runtime.autocast():
-                    perturbed_loss = loss_fn(forward(inputs), target)
-                perturbed_loss.backward()
-            sam.step()
-            if scheduler is not None:
-                scheduler.step()
-            total += loss.detach()
-        loss_value = (total / steps).item()
-        if on_epoch is not None:
-            on_epoch(epoch + 1, epochs, loss_value)
-    return loss_value
+                perturbed_loss = loss_fn(forward(inputs), labels)
+            perturbed_loss.backward()
+        sam.step()
+        return loss
+
+    return step
 
 
 @POLICIES.register("ft_sam")
@@ -134,7 +109,8 @@ def ft_sam(model: Classifier, data: TrainingSet, ctx: UpdateContext) -> Classifi
     def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, target, label_smoothing=smoothing)
 
-    train_sam(model, data.x, data.y, epochs=cfg.epochs, batch_size=cfg.batch_size,
-              sam=SAM(base, cfg.ft_sam.rho, cfg.ft_sam.adaptive), runtime=ctx.runtime, gen=ctx.gen,
-              scheduler=scheduler, loss_fn=loss_fn, forward=ctx.forward, on_epoch=ctx.on_epoch)
+    forward = model if ctx.forward is None else ctx.forward
+    step = sam_step(model, forward, SAM(base, cfg.ft_sam.rho, cfg.ft_sam.adaptive), loss_fn, ctx.runtime)
+    train(model, data.x, data.y, epochs=cfg.epochs, batch_size=cfg.batch_size, runtime=ctx.runtime, gen=ctx.gen,
+          scheduler=scheduler, forward=ctx.forward, on_epoch=ctx.on_epoch, step=step)
     return model
