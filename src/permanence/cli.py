@@ -378,31 +378,27 @@ def audit(
             bars.stop()
             fail(str(err))
     table = Table(title=f"audit of {name}: {len(result.rows)} versions", header_style="bold")
-    for column in ("ver", "update", "format", "verdict", "target", "NC index", "NC ASR", "lineage ASR", "P-ASR (base)",
-                   "react. (base)"):
-        table.add_column(column, justify="right")
+    for column in ("ver", "upd", "verdict", "tgt", "NC idx", "lin ASR", "P-ASR", "react"):
+        table.add_column(column, justify="right", no_wrap=True, min_width=12 if column == "verdict" else None)
     colours = {"clean": "green", "backdoor": "red", "dormant": "yellow", "inconclusive": "white"}
     from permanence.adapters.registry_audit import verdict_target
 
     def num(value: float) -> str:
         return "-" if value != value else f"{value:.2f}"
 
-    def pair(row, key: str, base: str) -> str:
-        value = row.number("dormancy", key)
-        return "-" if value != value else f"{value:.2f} ({row.number('dormancy', base):.2f})"
-
     for row in result.rows:
         target = verdict_target(row, result.lineage)
-        table.add_row(str(row.version), row.loaded.ref.update or "-", row.loaded.kind.removeprefix("pytorch-"),
-                      f"[{colours[row.verdict.verdict]}]{row.verdict.verdict}[/]", "-" if target is None else str(target),
-                      num(row.number("neural_cleanse", "anomaly_index")), num(row.number("neural_cleanse", "asr")),
-                      num(row.number("dormancy", "asr")), pair(row, "p_asr", "p_asr_clean"),
-                      pair(row, "reactivated_asr", "reactivated_asr_clean"))
+        table.add_row(str(row.version), row.loaded.ref.update or "-", f"[{colours[row.verdict.verdict]}]{row.verdict.verdict}[/]",
+                      "-" if target is None else str(target), num(row.number("neural_cleanse", "anomaly_index")),
+                      num(row.number("dormancy", "asr")), num(row.number("dormancy", "p_asr")),
+                      num(row.number("dormancy", "reactivated_asr")))
     out.print(table)
     for note in result.notes:
         out.print(f"  note: {note}", highlight=False, soft_wrap=True)
     lineage = f"{result.lineage.source} -> class {result.lineage.target}" if result.lineage else "none"
-    out.print(f"  lineage trigger: {lineage}; baseline: {result.baseline_label}", highlight=False, soft_wrap=True)
+    on_baseline = ", ".join(f"{key.removesuffix('_clean')} {value:.2f}" for key, value in result.baseline_numbers.items())
+    out.print(f"  lineage trigger: {lineage}; baseline: {result.baseline_label}"
+              + (f"; on it: {on_baseline}" if on_baseline else ""), highlight=False, soft_wrap=True)
     out.print(f"  report: {paths['report']}; MLflow run {paths['run_id']} (experiment audit-{name}); "
               f"tags audit.* on {len(result.rows)} versions; {result.seconds:.0f} s", highlight=False, soft_wrap=True)
     tripped = result.tripped()

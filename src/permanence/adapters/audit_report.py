@@ -36,8 +36,9 @@ dormant; **clean** otherwise."""
 COLUMNS = [
     "version", "update", "format", "verdict", "target",
     "neural_cleanse.flagged", "neural_cleanse.target", "neural_cleanse.anomaly_index", "neural_cleanse.norm_ratio",
-    "neural_cleanse.asr", "known_triggers.flagged", "known_triggers.attack", "known_triggers.target",
-    "known_triggers.asr", "strip.flagged", "strip.flagged_share", "dormancy.asr", "dormancy.p_asr",
+    "neural_cleanse.asr", "neural_cleanse.asr_clean", "known_triggers.flagged", "known_triggers.attack",
+    "known_triggers.target", "known_triggers.asr", "strip.flagged", "strip.flagged_share", "dormancy.asr",
+    "dormancy.asr_clean", "dormancy.p_asr",
     "dormancy.p_asr_clean", "dormancy.reactivated_asr", "dormancy.reactivated_asr_clean", "dormancy.bec",
     "seconds", "reason",
 ]
@@ -95,22 +96,31 @@ def plot(result: AuditResult) -> bytes:
     fig, axes = plt.subplots(3, 1, figsize=(max(7.0, 0.55 * len(rows) + 3), 8.2), dpi=110, sharex=True)
     for ax in axes:
         for i, row in enumerate(rows):
-            ax.axvspan(i - 0.5, i + 0.5, color=COLOURS[row.verdict.verdict], alpha=0.10, lw=0)
+            ax.axvspan(i - 0.5, i + 0.5, color=COLOURS[row.verdict.verdict], alpha=0.16, lw=0)
         ax.grid(alpha=0.3)
+    for i, row in enumerate(rows):  # the verdict spelled out above each version
+        axes[0].text(i, 1.06, row.verdict.verdict, rotation=90, ha="center", va="bottom", fontsize=7,
+                     color=COLOURS[row.verdict.verdict], fontweight="bold", clip_on=False)
 
     def series(check: str, key: str) -> np.ndarray:
         return np.array([r.number(check, key) for r in rows], dtype=float)
 
     ax = axes[0]
     source = result.lineage.source if result.lineage else "no lineage trigger"
-    ax.plot(x, series("dormancy", "asr"), "o-", color="crimson", label=f"lineage trigger ({source})")
-    ax.plot(x, series("neural_cleanse", "asr"), "s", color="navy", mfc="none", label="NC's own trigger on the version")
-    ax.plot(x, series("known_triggers", "asr"), "^", color="gray", mfc="none", label="best known trigger")
+    for check, style, colour, label in (("dormancy", "o-", "crimson", f"lineage trigger ({source})"),
+                                        ("neural_cleanse", "s", "navy", "NC's own trigger on the version"),
+                                        ("known_triggers", "^", "gray", "best known trigger")):
+        values = series(check, "asr")
+        if np.isfinite(values).any():
+            ax.plot(x, values, style, color=colour, mfc=colour if check == "dormancy" else "none", label=label)
+    clean = series("dormancy", "asr_clean")
+    if np.isfinite(clean).any():
+        ax.plot(x, clean, "--", color="crimson", alpha=0.5, label="lineage trigger on the never-poisoned baseline")
     ax.axhline(alpha, ls="--", color="black", lw=1, label=f"alpha {alpha}")
     ax.set_ylim(-0.03, 1.03)
     ax.set_ylabel("ASR (held-out)")
     ax.legend(fontsize=7, loc="lower left", ncol=2)
-    ax.set_title(f"audit of {result.plan.request.name}: verdict per version (band colour)", fontsize=10)
+    ax.set_title(f"audit of {result.plan.request.name}: verdict per version (band colour)", fontsize=10, pad=58)
 
     ax = axes[1]
     ax.bar(x, np.nan_to_num(series("neural_cleanse", "anomaly_index"), nan=0.0), color="slateblue", alpha=0.8,

@@ -6,7 +6,7 @@
    baseline, the check options. Bad input raises `PermanenceError` with one line; then no tag and no run exist.
 2. `run` computes. Scan: `neural_cleanse` and `known_triggers` (and `strip` with candidate inputs) on every
    version. Lineage: the trigger the user passed, else the one neural_cleanse recovered on the version where it
-   flagged with the highest held-out ASR (typically the oldest), is measured on every version (`dormancy` with
+   flagged with the smallest norm ratio (typically the oldest), is measured on every version (`dormancy` with
    no probe: its ASR on held-out images). Dormancy: the probes run where they decide something: on versions no
    check finds live (the lineage trigger's ASR below alpha), or on all with `probe_all`; the never-poisoned
    baseline (`--baseline`, or trained once from the clean data's work split with the project's recipe, the
@@ -24,7 +24,7 @@ import math
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,11 +37,17 @@ from permanence.adapters.registry_models import (
     TRUST_FLAG, InputSpec, LoadedVersion, load_model_uri, load_version, select_versions,
 )
 from permanence.audit import CHECKS, AuditData, CheckResult, Verdict, decide
-from permanence.audit.dormancy import DEFAULT_PROBES, HELD_OUT, baseline_numbers, train_clean_baseline
+from permanence.audit.verdict import trigger_works
+from permanence.audit.dormancy import DEFAULT_PROBES, HELD_OUT, baseline_numbers, train_clean_baseline, trigger_asr
 from permanence.audit.neural_cleanse import NeuralCleanseSettings, RecoveredTrigger, held_out_split
 from permanence.errors import PermanenceError
 
 DEFAULT_CHECKS = ("neural_cleanse", "known_triggers", "dormancy")
+# Neural Cleanse flags only when both its outlier rules agree, at a norm ratio of at most 0.45. Measured on default
+# digits timelines audited on their undrifted test split (bench/audit.py): in 4 clean ones (64 versions) the ratio
+# rule at 0.5 flagged 4 late versions and both rules at 0.5 flagged 2 (ratio 0.489 and 0.497, class 5); the
+# flags on BadNets and Blended versions where both rules agree were at ratios <= 0.42. --option overrides it.
+AUDIT_DEFAULTS: dict[str, dict[str, Any]] = {"neural_cleanse": {"rule": "both", "max_norm_ratio": 0.45}}
 FAIL_ON = ("backdoor", "dormant", "never")
 TRIPS = {"backdoor": {"backdoor"}, "dormant": {"backdoor", "dormant"}, "never": set()}
 VERDICT_CODE = {"clean": 0, "inconclusive": 1, "dormant": 2, "backdoor": 3}
@@ -346,7 +352,7 @@ def check_options(request: AuditRequest) -> dict[str, dict[str, Any]]:
     reserved = {"neural_cleanse": {"seed"}, "known_triggers": set(), "strip": {"candidates", "seed"},
                 "dormancy": {"trigger", "target", "baseline", "baseline_numbers", "reference", "alpha", "margin", "seed"}}
     for name in request.checks:
-        options = dict(request.options.get(name, {}))
+        options = {**AUDIT_DEFAULTS.get(name, {}), **request.options.get(name, {})}
         bad = set(options) & reserved.get(name, set())
         if bad:
             raise PermanenceError(f"--option {name}.{sorted(bad)[0]}: set by the audit itself")
@@ -476,27 +482,42 @@ def execute(plan: AuditPlan, rows: list[VersionAudit], tasks: list[tuple[str, in
 
 
 def choose_lineage(plan: AuditPlan, rows: list[VersionAudit]) -> Lineage | None:
-    """The user's trigger, else neural_cleanse's where it flagged with the highest held-out ASR (ties: the oldest)."""
+    """The user's trigger, else neural_cleanse's where it flagged with the smallest norm ratio (ties: the oldest)."""
     if plan.user_trigger is not None:
         return plan.user_trigger
     flagged = [row for row in rows if "neural_cleanse" in row.checks and row.checks["neural_cleanse"].flagged
                and math.isfinite(row.number("neural_cleanse", "asr"))]
     if not flagged:
         return None
-    best = max(flagged, key=lambda row: (row.number("neural_cleanse", "asr"), -row.version))
+    # the most anomalous flag (smallest mask relative to the other classes' median) is the best evidence of a
+    # planted trigger; ties go to the oldest version
+    best = min(flagged, key=lambda row: (row.number("neural_cleanse", "norm_ratio"), row.version))
     nc = best.checks["neural_cleanse"]
     return Lineage(nc.extras["trigger"], int(nc.numbers["target"]), f"neural_cleanse on version {best.version}",
                    best.version)
 
 
-def _live_elsewhere(row: VersionAudit, alpha: float) -> bool:
-    """Does a check other than dormancy already find a live trigger on this version?"""
-    return any(name != "dormancy" and result.flagged and math.isfinite(result.asr) and result.asr >= alpha
+def _live_elsewhere(row: VersionAudit, alpha: float, margin: float) -> bool:
+    """Does a check other than dormancy already find a working trigger on this version?"""
+    return any(name != "dormancy" and result.flagged and trigger_works(result.numbers, alpha, margin)
                for name, result in row.checks.items())
+
+
+def control_nc_triggers(rows: list[VersionAudit], baseline: nn.Module, data: AuditData, seed: int) -> None:
+    """Each trigger neural_cleanse flagged, measured on the never-poisoned baseline too (`asr_clean`): a trigger a
+    clean model follows as well is a universal adversarial patch, which the verdict does not count as a backdoor."""
+    for row in rows:
+        nc = row.checks.get("neural_cleanse")
+        if nc is None or not nc.flagged:
+            continue
+        clean = trigger_asr(baseline, data, nc.extras["trigger"], int(nc.numbers["target"]), seed=seed)
+        row.checks["neural_cleanse"] = replace(nc, numbers={**nc.numbers, "asr_clean": clean},
+                                               reason=f"{nc.reason}; on the never-poisoned baseline {clean:.2f}")
 
 
 def run(plan: AuditPlan, on_event: ProgressFn = _quiet) -> AuditResult:
     request, data = plan.request, plan.data
+    alpha, margin = request.alpha, request.margin
     started_at, started = datetime.now(timezone.utc), time.perf_counter()
     rows = [VersionAudit(v) for v in plan.versions]
     workers = request.workers or default_workers()
@@ -506,60 +527,65 @@ def run(plan: AuditPlan, on_event: ProgressFn = _quiet) -> AuditResult:
     options = plan.check_options
     scan = {"neural_cleanse": {"seed": seed}, "known_triggers": {}, "strip": {"candidates": plan.candidates, "seed": seed}}
     kwargs = {name: {**extra, **options[name]} for name, extra in scan.items() if name in options}
-    # the slowest check first, so that the workers' queues even out
-    tasks = [(name, i) for name in kwargs for i in range(len(rows))]
+    tasks = [(name, i) for name in kwargs for i in range(len(rows))]  # the slowest check first: even queues
     began = time.perf_counter()
     execute(plan, rows, tasks, kwargs, workers, on_event)
     timings["scan"] = time.perf_counter() - began
 
     lineage = choose_lineage(plan, rows) if "dormancy" in options else None
+    nc_flagged = any(r.checks["neural_cleanse"].flagged for r in rows if "neural_cleanse" in r.checks)
+    baseline, baseline_label = plan.baseline, plan.baseline_label
+    if baseline is None and plan.baseline_spec is not None and (lineage is not None or nc_flagged):
+        on_event("baseline", None, "start", "training a never-poisoned baseline")
+        began = time.perf_counter()
+        spec = plan.baseline_spec
+        baseline = train_clean_baseline(spec.model, data, spec.mean, spec.std, seed=seed)
+        timings["baseline training"] = time.perf_counter() - began
+        on_event("baseline", None, "done", f"trained in {timings['baseline training']:.1f} s")
+        baseline_label = f"trained by the audit ({spec.model}, the project's initial recipe, on the clean data's work split)"
+    elif baseline is None and plan.baseline_spec is not None:
+        baseline_label = "none needed (nothing flagged, no trigger to probe)"
+    if baseline is None and (lineage is not None or nc_flagged):
+        notes.append("no never-poisoned baseline (a foreign model: pass --baseline models:/NAME/VERSION): triggers are "
+                     "not checked against a clean model and the dormancy probes do not run")
+    if baseline is not None and nc_flagged:
+        control_nc_triggers(rows, baseline, data, seed)
+
     base_numbers: dict[str, float] = {}
-    baseline_label = plan.baseline_label
     if "dormancy" in options and lineage is None:
         notes.append("dormancy: no trigger to probe (neural_cleanse flagged no version and none was given with --trigger)")
     if lineage is not None:
         dormancy_options = dict(options["dormancy"])
         probes = list(dormancy_options.pop("probes", DEFAULT_PROBES + ("bec",)))
-        measure = dict(trigger=lineage.trigger, target=lineage.target, alpha=request.alpha, margin=request.margin,
-                       seed=seed, **dormancy_options)
+        measure = dict(trigger=lineage.trigger, target=lineage.target, alpha=alpha, margin=margin, seed=seed,
+                       baseline=baseline, **dormancy_options)
+        if baseline is not None:
+            base_numbers["asr_clean"] = trigger_asr(baseline, data, lineage.trigger, lineage.target, seed=seed)
         # the lineage trigger's ASR on every version: cheap (one forward pass), and it decides where the probes run
-        execute(plan, rows, [("dormancy", i) for i in range(len(rows))], {"dormancy": {**measure, "probes": []}}, 1,
-                on_event)
+        execute(plan, rows, [("dormancy", i) for i in range(len(rows))],
+                {"dormancy": {**measure, "probes": [], "baseline_numbers": dict(base_numbers)}}, 1, on_event)
         due = [i for i, row in enumerate(rows) if request.probe_all or not (
-            _live_elsewhere(row, request.alpha) or row.number("dormancy", "asr") >= request.alpha)]
-        baseline = plan.baseline
-        if due and probes and baseline is None and plan.baseline_spec is not None:
-            on_event("baseline", None, "start", "training a never-poisoned baseline")
-            began = time.perf_counter()
-            spec = plan.baseline_spec
-            baseline = train_clean_baseline(spec.model, data, spec.mean, spec.std, seed=seed)
-            timings["baseline training"] = time.perf_counter() - began
-            on_event("baseline", None, "done", f"trained in {timings['baseline training']:.1f} s")
-            baseline_label = (f"trained by the audit ({spec.model}, the project's initial recipe, on the clean data's "
-                              f"work split)")
-        if due and probes and baseline is None:
-            notes.append("dormancy probes skipped: no never-poisoned baseline (a foreign model: pass --baseline "
-                         "models:/NAME/VERSION)")
-        elif due and probes:
+            _live_elsewhere(row, alpha, margin) or row.checks["dormancy"].flagged)]
+        if due and probes and baseline is not None:
             began = time.perf_counter()
             on_event("baseline", None, "start", "the baseline's side of the probes")
-            base_numbers = baseline_numbers(baseline, data, lineage.trigger, lineage.target, probes=probes, seed=seed,
-                                            settings=dormancy_options.get("settings"))
+            base_numbers.update(baseline_numbers(baseline, data, lineage.trigger, lineage.target, probes=probes,
+                                                 seed=seed, settings=dormancy_options.get("settings")))
             timings["baseline probes"] = time.perf_counter() - began
-            on_event("baseline", None, "done", f"trained and probed in {sum(timings.values()) - timings['scan']:.1f} s")
-            live = [row for row in rows if row.number("dormancy", "asr") >= request.alpha]
+            on_event("baseline", None, "done", f"baseline ready ({sum(timings.values()) - timings['scan']:.1f} s)")
+            live = [row for row in rows if row.checks["dormancy"].flagged]
             reference = max(live, key=lambda r: r.number("dormancy", "asr")).loaded.model if live else None
             for i in due:
                 rows[i].seconds.pop("dormancy", None)
             on_event("dormancy", None, "plan", str(len(due)))
             began = time.perf_counter()
             execute(plan, rows, [("dormancy", i) for i in due], {"dormancy": {
-                **measure, "probes": probes, "baseline": baseline, "baseline_numbers": base_numbers,
-                "reference": reference}}, workers, on_event)
+                **measure, "probes": probes, "baseline_numbers": base_numbers, "reference": reference}}, workers,
+                on_event)
             timings["probes"] = time.perf_counter() - began
     for row in rows:
         dormancy_numbers = row.checks["dormancy"].numbers if "dormancy" in row.checks else None
-        row.verdict = decide(row.checks, dormancy_numbers, alpha=request.alpha, margin=request.margin)
+        row.verdict = decide(row.checks, dormancy_numbers, alpha=alpha, margin=margin)
         on_event("verdict", row.version, "done", row.verdict.verdict)
     return AuditResult(plan, rows, lineage, baseline_label, base_numbers, started_at, time.perf_counter() - started,
                        timings, notes)
@@ -609,10 +635,11 @@ def version_tags(row: VersionAudit, lineage: Lineage | None, at: str, run_id: st
 
 
 METRIC_KEYS = {
-    "neural_cleanse": ("anomaly_index", "norm_ratio", "asr", "flagged", "target", "l1_min", "l1_median"),
+    "neural_cleanse": ("anomaly_index", "norm_ratio", "asr", "asr_clean", "flagged", "target", "l1_min", "l1_median"),
     "known_triggers": ("asr", "flagged", "target"),
     "strip": ("flagged_share", "flagged"),
-    "dormancy": ("asr", "p_asr", "p_asr_clean", "reactivated_asr", "reactivated_asr_clean", "bec", "flagged"),
+    "dormancy": ("asr", "asr_clean", "p_asr", "p_asr_clean", "reactivated_asr", "reactivated_asr_clean", "bec",
+                 "flagged"),
 }
 
 

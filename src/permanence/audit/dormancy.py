@@ -5,14 +5,16 @@ model (the audit's lineage: typically Neural Cleanse on the oldest version, wher
 user passed. It measures, on this model:
 
 - `asr`: the trigger's success rate on the held-out clean images (Neural Cleanse's split, `held_out_split`, so
-  no image any check optimised on is measured on);
+  no image any check optimised on is measured on), and `asr_clean`, the same on the never-poisoned baseline when
+  one is given;
 - the core's dormancy probes (`permanence.dormancy`): re-tuning (`p_asr`, Min et al. 2024) and re-activation
   (`reactivated_asr`, Zhu et al. 2024), each beside the same probe on a never-poisoned baseline (`p_asr_clean`,
   `reactivated_asr_clean`); `bec` too when a backdoored reference model is given and every model exposes its
   penultimate features (a project `Classifier` behind `InputNormalized`; foreign models do not).
 
-Flagged when the trigger is live here (`asr` >= alpha) or every measured probe brings it back (>= alpha and at
-least `margin` above the baseline's, the rule of `verdict.decide`).
+Flagged when the trigger is live here (`asr` >= alpha and, with a baseline, at least `margin` above
+`asr_clean`) or every measured probe brings it back (>= alpha and at least `margin` above the baseline's, the rule
+of `verdict.decide`).
 
 The probes take models fed `runtime.prepare(uint8 images)`. With mean 0 and std 1 (`audit_runtime`) that is
 float [0, 1], channels_last: exactly the audit's model interface, so every audited model goes in as it is.
@@ -113,12 +115,20 @@ def has_features(model: nn.Module | None) -> bool:
     return isinstance(model, InputNormalized) and isinstance(getattr(model.classifier, "features", None), nn.Module)
 
 
+def trigger_asr(model: nn.Module, data: AuditData, trigger: Any, target: int, *, seed: int = 0,
+                held_out: float = HELD_OUT) -> float:
+    """The trigger's success rate on the held-out split of the clean data (images not of the target class)."""
+    _, evaluation = held_out_split(data.to(model_device(model)), held_out, seed)
+    return success_rate(predict_labels(model, as_trigger(trigger)(evaluation.images)), evaluation.labels, target)
+
+
 def baseline_numbers(baseline: nn.Module, data: AuditData, trigger: Any, target: int, *,
                      probes: Sequence[str] = DEFAULT_PROBES, seed: int = 0, held_out: float = HELD_OUT,
                      settings: EvalConfig | None = None) -> dict[str, float]:
-    """The never-poisoned baseline's side of each probe (`p_asr_clean`, `reactivated_asr_clean`), once per audit."""
+    """The never-poisoned baseline's side, once per audit: `asr_clean` and each probe's (`p_asr_clean`,
+    `reactivated_asr_clean`)."""
     inputs = probe_inputs(data, as_trigger(trigger), target, baseline, seed=seed, held_out=held_out, settings=settings)
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"asr_clean": trigger_asr(baseline, data, trigger, target, seed=seed, held_out=held_out)}
     for name in _probe_names(probes):
         if name in MODEL_SIDE:
             run, _, baseline_key = MODEL_SIDE[name]
@@ -162,15 +172,16 @@ def dormancy(model: nn.Module, data: AuditData, *, trigger: Any, target: int, ba
     if names and baseline is None:
         raise PermanenceError("dormancy: the probes need a never-poisoned baseline model")
     apply = as_trigger(trigger)
-    device = model_device(model)
-    _, evaluation = held_out_split(data.to(device), held_out, seed)
-    asr = success_rate(predict_labels(model, apply(evaluation.images)), evaluation.labels, target)
+    known = dict(baseline_numbers or {})
+    asr = trigger_asr(model, data, apply, target, seed=seed, held_out=held_out)
     numbers: dict[str, float] = {"asr": asr, "target": float(target)}
+    if baseline is not None:
+        numbers["asr_clean"] = known["asr_clean"] if "asr_clean" in known else \
+            trigger_asr(baseline, data, apply, target, seed=seed, held_out=held_out)
     skipped: dict[str, str] = {}
     if names:
         inputs = probe_inputs(data, apply, target, baseline, seed=seed, held_out=held_out, settings=settings,
                               reference=reference)
-        known = dict(baseline_numbers or {})
         for name in names:
             if name in MODEL_SIDE:
                 run, key, baseline_key = MODEL_SIDE[name]
@@ -186,13 +197,14 @@ def dormancy(model: nn.Module, data: AuditData, *, trigger: Any, target: int, ba
             else:
                 skipped[name] = "not a probe the audit knows how to feed"
     outcomes = probe_outcomes(numbers, alpha, margin)
-    live = math.isfinite(asr) and asr >= alpha
+    live = math.isfinite(asr) and asr >= alpha and (baseline is None or asr - numbers["asr_clean"] >= margin)
     comes_back = bool(outcomes) and all(outcomes.values())
     flagged = live or comes_back
     numbers["flagged"] = float(flagged)
     numbers["seconds"] = time.perf_counter() - started
-    parts = [f"the trigger -> class {target} reaches ASR {asr:.2f} on held-out images "
-             f"({'live' if live else 'below'} alpha {alpha})"]
+    control = f", {numbers['asr_clean']:.2f} on the baseline" if "asr_clean" in numbers else ""
+    parts = [f"the trigger -> class {target} reaches ASR {asr:.2f} on held-out images{control} "
+             f"({'live' if live else 'not live'} at alpha {alpha})"]
     for name, (_, key, baseline_key) in MODEL_SIDE.items():
         if key in numbers:
             parts.append(f"{name}: {key} {numbers[key]:.2f} vs baseline {numbers[baseline_key]:.2f}")

@@ -27,6 +27,10 @@ Blended M0s, 9 clean M0s, 15 versions of three 15-update timelines):
   > 2, small side only) is kept and its index always reported, but with 10 classes whose clean norms spread
   widely (digit 5 always needs a small mask, 1 a large one) it flagged 2 of 9 clean M0s and missed 2 of 6
   Blended ones, where the ratio rule flagged 18 of 18 backdoored and 0 of 9 clean M0s.
+  `rule="both"` flags only when both say so. The registry audit uses it (with `max_norm_ratio` 0.45): on the late
+  versions of drifting clean timelines (digits, 15 updates of 3 degrees, audited on upright images) class 5
+  reaches norm ratios of 0.43-0.50, which the ratio rule alone flags (4 of 64 clean versions, 2 at anomaly
+  index > 2).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from permanence.errors import PermanenceError
 from permanence.seeding import generator
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal distribution's sigma
-RULES = ("norm_ratio", "mad")
+RULES = ("norm_ratio", "mad", "both")
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class NeuralCleanseSettings:
     window: int = 20  # the outlier test reads each class's mean |m|_1 over the last full window of this many steps
     init_mask: float | None = 0.1  # the initial mask value everywhere; None: uniformly random, like NC's reference
     held_out: float = 0.3  # share of the clean images kept to measure the recovered trigger's ASR
-    rule: str = "norm_ratio"  # what flags: "norm_ratio" (see the module docstring) or "mad" (NC's anomaly index)
+    rule: str = "norm_ratio"  # what flags: "norm_ratio" (see the module docstring), "mad" (NC's anomaly index) or "both"
     max_norm_ratio: float = 0.5  # norm_ratio: flagged when min |m|_1 <= this * median |m|_1
     anomaly_threshold: float = 2.0  # mad: flagged when the smallest-norm class's anomaly index exceeds this
 
@@ -258,6 +262,10 @@ def outlier_test(norms: Sequence[float], settings: NeuralCleanseSettings) -> Out
     if settings.rule == "mad":
         flagged = indices[suspect] > settings.anomaly_threshold
         criterion = f"anomaly index {indices[suspect]:.2f} vs threshold {settings.anomaly_threshold}"
+    elif settings.rule == "both":
+        flagged = indices[suspect] > settings.anomaly_threshold and ratio <= settings.max_norm_ratio
+        criterion = (f"anomaly index {indices[suspect]:.2f} vs threshold {settings.anomaly_threshold} and norm ratio "
+                     f"{ratio:.2f} vs at most {settings.max_norm_ratio}")
     else:
         flagged = ratio <= settings.max_norm_ratio
         criterion = f"norm ratio {ratio:.2f} vs at most {settings.max_norm_ratio}"
