@@ -39,7 +39,7 @@ ALPHA = 0.5
 
 def audit_registry(name: str, args: argparse.Namespace) -> tuple[list[dict], float]:
     request = AuditRequest(name, versions=args.versions, store=args.store, fail_on="never", workers=args.workers,
-                           results=args.results, seed=0)
+                           results=args.results, seed=0, data=args.data)
     started = time.perf_counter()
     result = run(prepare(request))
     write(result)
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--versions", default="all", help="versions audited in each registry")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--data", default=None, help="the audit's clean data (default: each version's test split)")
     parser.add_argument("--skip-sweep", action="store_true", help="the sweep already ran into --store")
     parser.add_argument("--out", type=Path, default=None, help="save the rows here (JSON)")
     args = parser.parse_args()
