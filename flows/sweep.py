@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from permanence.adapters import env  # noqa: F401  (first: Prefect reads its settings when imported)
+import dask
 from prefect import flow
 from prefect.context import get_run_context
 from prefect_dask import DaskTaskRunner
@@ -30,6 +31,9 @@ from permanence.sweep import Sweep, baseline_key, m0_key
 def task_runner(workers: int, address: str | None) -> DaskTaskRunner:
     if address:
         return DaskTaskRunner(address=address)
+    # Dask's nanny would start each worker with MALLOC_TRIM_THRESHOLD_=65536, which makes torch's CPU buffers cost
+    # a page fault each (3x slower timelines; see sweep_tasks.undo_malloc_trim); None unsets it for our workers
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                                           "dashboard_address": None})
 

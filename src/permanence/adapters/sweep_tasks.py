@@ -6,8 +6,11 @@ them by name. A timeline goes through `run_timeline`, the same per-timeline pipe
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +52,28 @@ def _splits(data: str, seed: int, device: str) -> Splits:
     return load_splits(config, resolve_device(device))
 
 
+@functools.cache
+def undo_malloc_trim() -> bool:
+    """Give glibc back its dynamic mmap threshold in a worker that a Dask nanny started with MALLOC_TRIM_THRESHOLD_.
+
+    Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in every worker it spawns (distributed.nanny.pre-spawn-environ).
+    Setting any malloc threshold switches off glibc's dynamic mmap threshold, so every tensor buffer above 128 KiB
+    is mmap'ed and unmapped again, page-faulted in on each use: measured on digits (bench/sweep.yaml, 1 seed, 2
+    workers) a timeline took 33 s in a worker instead of 10.6 s, a third of the worker's CPU time in the kernel.
+    The local cluster unsets the variable (flows/sweep.py); a worker someone else started gets fixed thresholds
+    close to what the dynamic ones grow to (mmap above 32 MiB, trim above 64 MiB). Returns whether it changed them."""
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl has no such thresholds)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 64 << 20))
+
+
 def simulation(config: Config) -> Simulation:
+    undo_malloc_trim()
     if config.runtime.threads is None:
         torch.set_num_threads(1)  # one timeline per Dask worker thread: its own core
     return Simulation(config, _splits(json.dumps(config.data.model_dump(mode="json")), config.seed, config.runtime.device))
