@@ -4,7 +4,7 @@
     python bench/detection.py --skip-sweep                      # the sweep's registries are already in --store
     python bench/detection.py --versions 1,6,11,16 --set data.name=mnist --set data.root=../shared/data \
         --set data.limit=4000 --set data.test_limit=1000 --set train.epochs=8 --set train.label_smoothing=0.1 \
-        --set update.epochs=2 --set update.batch_size=64         # the MNIST subset, four versions a registry
+        --set update.epochs=2 --set update.batch_size=64 --data-root ../shared/data   # the MNIST subset, 4 versions
 
 Runs the sweep with `permanence sweep` (the product command), then `permanence audit`'s prepare / run / write on
 every poisoned cell's registered model and on one never-poisoned control per seed (the controls of one seed are
@@ -39,7 +39,7 @@ ALPHA = 0.5
 
 def audit_registry(name: str, args: argparse.Namespace) -> tuple[list[dict], float]:
     request = AuditRequest(name, versions=args.versions, store=args.store, fail_on="never", workers=args.workers,
-                           results=args.results, seed=0, data=args.data)
+                           results=args.results, seed=0, data=args.data, data_root=args.data_root)
     started = time.perf_counter()
     result = run(prepare(request))
     write(result)
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--versions", default="all", help="versions audited in each registry")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--data", default=None, help="the audit's clean data (default: each version's test split)")
+    parser.add_argument("--data-root", type=Path, default=None, help="folder of a named dataset (e.g. mnist)")
     parser.add_argument("--skip-sweep", action="store_true", help="the sweep already ran into --store")
     parser.add_argument("--out", type=Path, default=None, help="save the rows here (JSON)")
     args = parser.parse_args()
