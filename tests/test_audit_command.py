@@ -96,9 +96,10 @@ def test_the_audit_run_holds_metrics_per_version_and_the_report(audited, registr
     rows = list(csv.DictReader((folder / "audit.csv").open()))
     assert [r["version"] for r in rows] == ["1", "2", "3"] and [r["update"] for r in rows] == ["0", "1", "2"]
     summary = json.loads((folder / "audit.json").read_text())
-    assert summary["lineage"]["source"].startswith("neural_cleanse on version")
+    # the published BadNets trigger took over: the lineage probes it, not Neural Cleanse's reconstruction of it
+    assert summary["lineage"]["source"].startswith("known trigger badnets") and summary["lineage"]["target"] == 0
     assert set(summary["baseline_numbers"]) == {"asr_clean", "p_asr_clean", "reactivated_asr_clean"}
-    assert (folder / "triggers" / "lineage.npz").is_file()
+    assert any(path.name.startswith("v001-") for path in (folder / "triggers").glob("*.png"))  # NC's, per version
 
 
 # --- blind by construction -----------------------------------------------------------------------------
@@ -156,6 +157,7 @@ def test_lineage_probes_every_version_with_the_trigger_recovered_where_neural_cl
     lineage = result.lineage
     source = next(r for r in result.rows if r.version == lineage.version)
     assert source.checks["neural_cleanse"].flagged and lineage.target == 0
+    assert lineage.source.startswith("neural_cleanse on version") and lineage.image() is not None
     assert all(math.isfinite(r.number("dormancy", "asr")) for r in result.rows)  # measured on every version
     for row in result.rows:  # probes only where no trigger works (>= alpha and clear of the baseline)
         nc = row.checks["neural_cleanse"]

@@ -214,7 +214,7 @@ def render_html(result: AuditResult, plot_png: bytes, triggers: dict[int, bytes]
                  trigger, f'<span class="reason">{esc(v["reason"])}</span>']
         body.append("<tr>" + "".join(f"<td>{c if isinstance(c, str) and c.startswith('<') else esc(str(c))}</td>"
                                      for c in cells) + "</tr>")
-    lineage = "none: neural_cleanse flagged no version and no --trigger was given" if result.lineage is None else \
+    lineage = "none: no known trigger or neural_cleanse flag on any version, and no --trigger was given" if result.lineage is None else \
         f"{esc(result.lineage.source)}, target class {result.lineage.target}"
     lineage_img = f'<img src="data:image/png;base64,{_b64(lineage_png)}" height="64" alt="lineage trigger">' \
         if lineage_png else ""

@@ -482,9 +482,25 @@ def execute(plan: AuditPlan, rows: list[VersionAudit], tasks: list[tuple[str, in
 
 
 def choose_lineage(plan: AuditPlan, rows: list[VersionAudit]) -> Lineage | None:
-    """The user's trigger, else neural_cleanse's where it flagged with the smallest norm ratio (ties: the oldest)."""
+    """The trigger probed on every version: the user's; else a known trigger that flagged (the published trigger
+    itself, where one took over: its highest ASR, ties to the oldest version); else neural_cleanse's where it
+    flagged with the smallest norm ratio (ties: the oldest). A known trigger goes before Neural Cleanse's
+    reconstruction because the reconstruction is an approximation that later versions stop following: on the
+    `make demo` registry NC's trigger from version 2 fell to ASR 0.01 by version 16 while the BadNets trigger it
+    approximates still reached 0.79 on the same images."""
     if plan.user_trigger is not None:
         return plan.user_trigger
+    known = [row for row in rows if "known_triggers" in row.checks and row.checks["known_triggers"].flagged]
+    if known:
+        best = max(known, key=lambda row: (row.number("known_triggers", "asr"), -row.version))
+        result = best.checks["known_triggers"]
+        name, target = result.extras["attack"], int(result.numbers["target"])
+        seeds = plan.check_options.get("known_triggers", {}).get("seeds") or {}
+        from permanence.attacks import build_attack
+
+        attack = build_attack(name, target=target, strength=None, image_shape=plan.data.image_shape,
+                              seed=int(seeds.get(name, 0)))
+        return Lineage(attack.apply, target, f"known trigger {name} (flagged on version {best.version})", best.version)
     flagged = [row for row in rows if "neural_cleanse" in row.checks and row.checks["neural_cleanse"].flagged
                and math.isfinite(row.number("neural_cleanse", "asr"))]
     if not flagged:
@@ -553,7 +569,7 @@ def run(plan: AuditPlan, on_event: ProgressFn = _quiet) -> AuditResult:
 
     base_numbers: dict[str, float] = {}
     if "dormancy" in options and lineage is None:
-        notes.append("dormancy: no trigger to probe (neural_cleanse flagged no version and none was given with --trigger)")
+        notes.append("dormancy: no trigger to probe (no known trigger and no neural_cleanse flag on any version, none given with --trigger)")
     if lineage is not None:
         dormancy_options = dict(options["dormancy"])
         probes = list(dormancy_options.pop("probes", DEFAULT_PROBES + ("bec",)))
