@@ -30,23 +30,15 @@ MADE = {"badnets": [], "clean": ["poisoning.inject=none"]}
 
 def make_registry(kind: str, seed: int, store: Path, updates: int) -> str:
     """A default digits study (`params.yaml`'s settings), registered version by version: returns its name."""
-    from permanence.adapters.mlflow_store import ModelSpec, StudyStore
+    from permanence.adapters.mlflow_store import register_simulated
     from permanence.config import load_config
-    from permanence.simulation import Simulation, simulate
 
     name = f"bench_{kind}_seed{seed}"
     root = Path(__file__).resolve().parents[1]
     config = load_config(root / "params.yaml", [f"study={name}", f"seed={seed}", f"update.updates={updates}",
                                                 "tracking.drift_check=false", *MADE[kind]])
     started = time.perf_counter()
-    timeline = simulate(config)
-    sim = Simulation(config)
-    study = StudyStore(config, store)
-    study.open_run()
-    for record, state in zip(timeline.records, timeline.states, strict=True):
-        study.register_version({**record.as_dict(), "drift_score": None, "drift_detected": None,
-                                "stat_drift_share": None}, state, ModelSpec.of(sim))
-    study.end_run()
+    timeline, _, _ = register_simulated(config, store)
     asr = " ".join(f"{r.asr:.2f}" for r in timeline.records)
     print(f"registered {name} in {time.perf_counter() - started:.0f} s; simulator's ASR (drifted test images): {asr}")
     return name

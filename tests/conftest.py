@@ -19,3 +19,12 @@ TINY = [
     "update.updates=3", "train.epochs=8", "update.epochs=1", "data.limit=800", "data.test_limit=200",
     "train.batch_size=64", "update.batch_size=64",
 ]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module's tests (as in a sweep worker), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from permanence import PermanenceError
@@ -23,17 +22,9 @@ from permanence.audit import CHECKS, VERDICTS, AuditData, InputNormalized
 from permanence.audit.verdict import trigger_works
 from test_mlflow_models import register_study
 
-pytestmark = pytest.mark.pipeline
+pytestmark = [pytest.mark.pipeline, pytest.mark.usefixtures("one_torch_thread")]
 BIN = Path(sys.executable).parent
 FEW_STEPS = ["-o", "neural_cleanse.steps=60"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -22,35 +22,19 @@ from typer.testing import CliRunner
 from conftest import TINY
 from permanence import build_config
 from permanence.audit import InputNormalized
-from permanence.simulation import Simulation, simulate
 from permanence.training import predict
 
-pytestmark = pytest.mark.pipeline
+pytestmark = [pytest.mark.pipeline, pytest.mark.usefixtures("one_torch_thread")]
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def register_study(store: Path, overrides: list[str]):
     """A tiny timeline registered version by version, as the pipeline registers it (no Prefect needed)."""
-    from permanence.adapters.mlflow_store import ModelSpec, StudyStore
+    from permanence.adapters.mlflow_store import register_simulated
 
     config = build_config({}, [*TINY, "runtime.device=cpu", "tracking.drift_check=false", *overrides])
-    timeline = simulate(config)
-    sim = Simulation(config)
-    study = StudyStore(config, store)
-    study.open_run()
-    for record, state in zip(timeline.records, timeline.states, strict=True):
-        study.register_version({**record.as_dict(), "drift_score": None, "drift_detected": None,
-                                "stat_drift_share": None}, state, ModelSpec.of(sim))
-    study.end_run()
-    return SimpleNamespace(config=config, timeline=timeline, sim=sim, uri=study.uri, store=store)
+    timeline, sim, uri = register_simulated(config, store)
+    return SimpleNamespace(config=config, timeline=timeline, sim=sim, uri=uri, store=store)
 
 
 @pytest.fixture(scope="module")

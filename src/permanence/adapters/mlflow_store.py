@@ -383,3 +383,19 @@ class StudyStore:
 
     def load_version(self, registry_version: str) -> dict[str, torch.Tensor]:
         return load_weights(self.uri, self.client.get_model_version(self.name, registry_version).source)
+
+
+def register_simulated(config: Config, store: Path = DEFAULT_STORE):
+    """Run the core `simulate` and register every version of the timeline as the pipeline registers it, without
+    Prefect or the drift check (a registry to audit in tests and benches). Returns (timeline, simulation, uri)."""
+    from permanence.simulation import Simulation, simulate
+
+    timeline = simulate(config)
+    sim = Simulation(config)
+    study = StudyStore(config, store)
+    study.open_run()
+    for record, state in zip(timeline.records, timeline.states, strict=True):
+        study.register_version({**record.as_dict(), "drift_score": None, "drift_detected": None,
+                                "stat_drift_share": None}, state, ModelSpec.of(sim))
+    study.end_run()
+    return timeline, sim, study.uri
