@@ -390,12 +390,13 @@ def register_simulated(config: Config, store: Path = DEFAULT_STORE):
     Prefect or the drift check (a registry to audit in tests and benches). Returns (timeline, simulation, uri)."""
     from permanence.simulation import Simulation, simulate
 
-    timeline = simulate(config)
     sim = Simulation(config)
+    timeline = simulate(config, splits=sim.splits)  # the data loaded once
+    spec = ModelSpec.of(sim)
     study = StudyStore(config, store)
     study.open_run()
     for record, state in zip(timeline.records, timeline.states, strict=True):
         study.register_version({**record.as_dict(), "drift_score": None, "drift_detected": None,
-                                "stat_drift_share": None}, state, ModelSpec.of(sim))
+                                "stat_drift_share": None}, state, spec)
     study.end_run()
     return timeline, sim, study.uri
