@@ -11,7 +11,9 @@ from conftest import TINY
 from permanence import PermanenceError, Simulation, build_config
 from permanence.attacks import build_attack
 from permanence.audit import CHECKS, AuditData, CheckResult, InputNormalized, decide
-from permanence.audit.neural_cleanse import NeuralCleanseSettings, anomaly_indices, invert_triggers, outlier_test
+from permanence.audit.neural_cleanse import (
+    NeuralCleanseSettings, against_reference, anomaly_indices, invert_triggers, outlier_test,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -89,6 +91,29 @@ def test_neural_cleanse_flags_a_badnets_model_and_names_its_target(name, request
 def test_neural_cleanse_does_not_flag_a_clean_model(clean):
     result = clean.nc
     assert not result.flagged, result.reason
+
+
+def test_a_flag_stands_only_where_a_never_poisoned_model_needs_a_larger_mask(badnets0, clean):
+    settings = NeuralCleanseSettings()
+    flagged = badnets0.nc
+    against_clean = against_reference(flagged, clean.nc.extras["l1_norms"], settings)
+    assert against_clean.flagged and against_clean.numbers["flagged"] == 1.0
+    assert against_clean.numbers["reference_ratio"] <= 0.5
+    assert against_clean.numbers["reference_l1"] == clean.nc.extras["l1_norms"][0]
+    # a reference that needs as small a mask for the suspect class: a natural shortcut of the data, not a backdoor
+    shortcut = list(clean.nc.extras["l1_norms"])
+    shortcut[flagged.target] = flagged.extras["l1_norms"][flagged.target] * 1.1
+    natural = against_reference(flagged, shortcut, settings)
+    assert not natural.flagged and natural.numbers["flagged"] == 0.0
+    assert natural.numbers["reference_ratio"] == pytest.approx(1 / 1.1)
+    assert "natural small-mask class" in natural.reason
+    assert natural.numbers["asr"] == flagged.numbers["asr"]  # the rest of the result is kept
+    looser = against_reference(flagged, shortcut, NeuralCleanseSettings(max_reference_ratio=1.0))
+    assert looser.flagged
+    with pytest.raises(PermanenceError, match="reference norms for 10 classes"):
+        against_reference(flagged, shortcut[:9], settings)
+    with pytest.raises(PermanenceError, match="max_reference_ratio"):
+        NeuralCleanseSettings.build({"max_reference_ratio": 0})
 
 
 def test_recovered_trigger_works_on_held_out_images_and_as_a_trigger_function(badnets0):

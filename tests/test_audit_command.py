@@ -86,6 +86,8 @@ def test_the_audit_run_holds_metrics_per_version_and_the_report(audited, registr
     assert page.count("<tr>") >= 3 + 1 and "data:image/png;base64," in page and "backdoor" in page
     rows = list(csv.DictReader((folder / "audit.csv").open()))
     assert [r["version"] for r in rows] == ["1", "2", "3"] and [r["update"] for r in rows] == ["0", "1", "2"]
+    # Neural Cleanse's flag on M0 judged against the same inversion on the never-poisoned baseline
+    assert rows[0]["neural_cleanse.flagged"] == "1" and 0 < float(rows[0]["neural_cleanse.reference_ratio"]) <= 0.5
     summary = json.loads((folder / "audit.json").read_text())
     # the published BadNets trigger took over: the lineage probes it, not Neural Cleanse's reconstruction of it
     assert summary["lineage"]["source"].startswith("known trigger badnets") and summary["lineage"]["target"] == 0

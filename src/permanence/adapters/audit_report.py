@@ -36,7 +36,8 @@ dormant; **clean** otherwise."""
 COLUMNS = [
     "version", "update", "format", "verdict", "target",
     "neural_cleanse.flagged", "neural_cleanse.target", "neural_cleanse.anomaly_index", "neural_cleanse.norm_ratio",
-    "neural_cleanse.asr", "neural_cleanse.asr_clean", "known_triggers.flagged", "known_triggers.attack",
+    "neural_cleanse.reference_ratio", "neural_cleanse.asr", "neural_cleanse.asr_clean", "known_triggers.flagged",
+    "known_triggers.attack",
     "known_triggers.target", "known_triggers.asr", "strip.flagged", "strip.flagged_share", "dormancy.asr",
     "dormancy.asr_clean", "dormancy.p_asr",
     "dormancy.p_asr_clean", "dormancy.reactivated_asr", "dormancy.reactivated_asr_clean", "dormancy.bec",
@@ -196,7 +197,8 @@ def render_html(result: AuditResult, plot_png: bytes, triggers: dict[int, bytes]
     esc = html.escape
     counts = {name: sum(r.verdict.verdict == name for r in result.rows) for name in COLOURS}
     gate = ("tripped on versions " + ", ".join(map(str, info["tripped"]))) if info["tripped"] else "passes"
-    head = ["version", "update", "format", "verdict", "target", "NC anomaly idx", "NC norm ratio", "NC ASR",
+    head = ["version", "update", "format", "verdict", "target", "NC anomaly idx", "NC norm ratio",
+            "NC vs baseline", "NC ASR",
             "known ASR", "lineage ASR", "P-ASR (baseline)", "re-activated (baseline)", "BEC", "NC trigger", "reason"]
     body = []
     for row in result.rows:
@@ -208,7 +210,8 @@ def render_html(result: AuditResult, plot_png: bytes, triggers: dict[int, bytes]
         cells = [v["version"], v["update"], v["format"],
                  f'<span class="verdict" style="background:{colour}">{row.verdict.verdict}</span>', v["target"],
                  _num(row.number("neural_cleanse", "anomaly_index"), 2), _num(row.number("neural_cleanse", "norm_ratio"), 2),
-                 _num(row.number("neural_cleanse", "asr"), 2), _num(row.number("known_triggers", "asr"), 2),
+                 _num(row.number("neural_cleanse", "reference_ratio"), 2), _num(row.number("neural_cleanse", "asr"), 2),
+                 _num(row.number("known_triggers", "asr"), 2),
                  _num(row.number("dormancy", "asr"), 2), pair("dormancy.p_asr", "dormancy.p_asr_clean"),
                  pair("dormancy.reactivated_asr", "dormancy.reactivated_asr_clean"), _num(row.number("dormancy", "bec"), 2),
                  trigger, f'<span class="reason">{esc(v["reason"])}</span>']

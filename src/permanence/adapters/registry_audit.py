@@ -39,7 +39,7 @@ from permanence.adapters.registry_models import (
 from permanence.audit import CHECKS, AuditData, CheckResult, Verdict, decide
 from permanence.audit.verdict import trigger_works
 from permanence.audit.dormancy import DEFAULT_PROBES, HELD_OUT, baseline_numbers, train_clean_baseline, trigger_asr
-from permanence.audit.neural_cleanse import NeuralCleanseSettings, RecoveredTrigger, held_out_split
+from permanence.audit.neural_cleanse import NeuralCleanseSettings, RecoveredTrigger
 from permanence.errors import PermanenceError
 
 DEFAULT_CHECKS = ("neural_cleanse", "known_triggers", "dormancy")
@@ -349,7 +349,7 @@ def check_options(request: AuditRequest) -> dict[str, dict[str, Any]]:
     for name in request.options:
         if name not in request.checks:
             raise PermanenceError(f"--option {name}.*: {name} is not among --checks ({', '.join(request.checks)})")
-    reserved = {"neural_cleanse": {"seed"}, "known_triggers": set(), "strip": {"candidates", "seed"},
+    reserved = {"neural_cleanse": {"seed", "reference_norms"}, "known_triggers": set(), "strip": {"candidates", "seed"},
                 "dormancy": {"trigger", "target", "baseline", "baseline_numbers", "reference", "alpha", "margin", "seed"}}
     for name in request.checks:
         options = {**AUDIT_DEFAULTS.get(name, {}), **request.options.get(name, {})}
@@ -519,6 +519,21 @@ def _live_elsewhere(row: VersionAudit, alpha: float, margin: float) -> bool:
                for name, result in row.checks.items())
 
 
+def reference_nc(rows: list[VersionAudit], baseline: nn.Module, data: AuditData, options: dict[str, Any],
+                 seed: int) -> list[float]:
+    """Neural Cleanse once on the never-poisoned baseline; every version's result judged against its per-class
+    norms (`neural_cleanse.against_reference`): a class every model of the data reaches with a small mask is not
+    a planted target. Returns the baseline's norms."""
+    from permanence.audit.neural_cleanse import against_reference
+
+    settings = NeuralCleanseSettings.build(options)
+    reference = CHECKS.get("neural_cleanse")(baseline, data, seed=seed, **options).extras["l1_norms"]
+    for row in rows:
+        if "neural_cleanse" in row.checks:
+            row.checks["neural_cleanse"] = against_reference(row.checks["neural_cleanse"], reference, settings)
+    return reference
+
+
 def control_nc_triggers(rows: list[VersionAudit], baseline: nn.Module, data: AuditData, seed: int) -> None:
     """Each trigger neural_cleanse flagged, measured on the never-poisoned baseline too (`asr_clean`): a trigger a
     clean model follows as well is a universal adversarial patch, which the verdict does not count as a backdoor."""
@@ -548,10 +563,10 @@ def run(plan: AuditPlan, on_event: ProgressFn = _quiet) -> AuditResult:
     execute(plan, rows, tasks, kwargs, workers, on_event)
     timings["scan"] = time.perf_counter() - began
 
-    lineage = choose_lineage(plan, rows) if "dormancy" in options else None
     nc_flagged = any(r.checks["neural_cleanse"].flagged for r in rows if "neural_cleanse" in r.checks)
+    wants_baseline = nc_flagged or ("dormancy" in options and choose_lineage(plan, rows) is not None)
     baseline, baseline_label = plan.baseline, plan.baseline_label
-    if baseline is None and plan.baseline_spec is not None and (lineage is not None or nc_flagged):
+    if baseline is None and plan.baseline_spec is not None and wants_baseline:
         on_event("baseline", None, "start", "training a never-poisoned baseline")
         began = time.perf_counter()
         spec = plan.baseline_spec
@@ -561,11 +576,17 @@ def run(plan: AuditPlan, on_event: ProgressFn = _quiet) -> AuditResult:
         baseline_label = f"trained by the audit ({spec.model}, the project's initial recipe, on the clean data's work split)"
     elif baseline is None and plan.baseline_spec is not None:
         baseline_label = "none needed (nothing flagged, no trigger to probe)"
-    if baseline is None and (lineage is not None or nc_flagged):
+    if baseline is None and wants_baseline:
         notes.append("no never-poisoned baseline (a foreign model: pass --baseline models:/NAME/VERSION): triggers are "
                      "not checked against a clean model and the dormancy probes do not run")
     if baseline is not None and nc_flagged:
+        on_event("baseline", None, "start", "neural_cleanse on the baseline")
+        began = time.perf_counter()
+        reference_nc(rows, baseline, data, options["neural_cleanse"], seed)
+        timings["baseline neural_cleanse"] = time.perf_counter() - began
+        on_event("baseline", None, "done", f"its per-class norms in {timings['baseline neural_cleanse']:.1f} s")
         control_nc_triggers(rows, baseline, data, seed)
+    lineage = choose_lineage(plan, rows) if "dormancy" in options else None
 
     base_numbers: dict[str, float] = {}
     if "dormancy" in options and lineage is None:
@@ -651,7 +672,8 @@ def version_tags(row: VersionAudit, lineage: Lineage | None, at: str, run_id: st
 
 
 METRIC_KEYS = {
-    "neural_cleanse": ("anomaly_index", "norm_ratio", "asr", "asr_clean", "flagged", "target", "l1_min", "l1_median"),
+    "neural_cleanse": ("anomaly_index", "norm_ratio", "reference_ratio", "asr", "asr_clean", "flagged", "target", "l1_min",
+                       "l1_median"),
     "known_triggers": ("asr", "flagged", "target"),
     "strip": ("flagged_share", "flagged"),
     "dormancy": ("asr", "asr_clean", "p_asr", "p_asr_clean", "reactivated_asr", "reactivated_asr_clean", "bec",

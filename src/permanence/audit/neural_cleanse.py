@@ -31,6 +31,13 @@ Blended M0s, 9 clean M0s, 15 versions of three 15-update timelines):
   versions of drifting clean timelines (digits, 15 updates of 3 degrees, audited on upright images) class 5
   reaches norm ratios of 0.43-0.50, which the ratio rule alone flags (4 of 64 clean versions, 2 at anomaly
   index > 2).
+- Judged against a never-poisoned model (`reference_norms`, optional): a class can need a small mask on every
+  model of the data, poisoned or not (MNIST's 8: on never-poisoned MNIST-subset models its NC norm is the smallest
+  of the ten, 27-41, a third of the median, and NC flagged 4 of 12 clean versions there). With the same inversion
+  run once on a never-poisoned model of the same architecture and data, a flag stands only when the suspect's norm
+  is also at most `max_reference_ratio` (0.5) of that model's norm for the same class: measured on those registries
+  (bench/results/detection_mnist/), the clean flags sat at 0.68-0.82 of three never-poisoned baselines' norms, the
+  BadNets M0s' at 0.10-0.13.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -72,6 +79,7 @@ class NeuralCleanseSettings:
     rule: str = "norm_ratio"  # what flags: "norm_ratio" (see the module docstring), "mad" (NC's anomaly index) or "both"
     max_norm_ratio: float = 0.5  # norm_ratio: flagged when min |m|_1 <= this * median |m|_1
     anomaly_threshold: float = 2.0  # mad: flagged when the smallest-norm class's anomaly index exceeds this
+    max_reference_ratio: float = 0.5  # with reference norms: the suspect's norm must be at most this * the reference's
 
     @classmethod
     def build(cls, options: dict) -> NeuralCleanseSettings:
@@ -84,6 +92,9 @@ class NeuralCleanseSettings:
             raise PermanenceError("neural_cleanse: steps, batch_size, patience and window must be >= 1")
         if settings.rule not in RULES:
             raise PermanenceError(f"neural_cleanse: rule is {settings.rule!r}; allowed: {', '.join(RULES)}")
+        if not 0 < settings.max_reference_ratio <= 1:
+            raise PermanenceError(f"neural_cleanse: max_reference_ratio is {settings.max_reference_ratio}; allowed: "
+                                  f"a ratio in (0, 1]")
         if not 0 < settings.held_out < 1:
             raise PermanenceError(f"neural_cleanse: held_out is {settings.held_out}; allowed: a share in (0, 1)")
         return settings
@@ -279,12 +290,37 @@ def held_out_split(data: AuditData, held_out: float, seed: int) -> tuple[AuditDa
     return data.split(held_out, generator(seed, "neural-cleanse-held-out"))
 
 
+def against_reference(result: CheckResult, reference_norms: Sequence[float], settings: NeuralCleanseSettings
+                      ) -> CheckResult:
+    """`result` judged against a never-poisoned model's per-class norms (the same inversion on it): adds
+    `reference_l1` (the reference's norm for the suspect class) and `reference_ratio` (the suspect's norm over it);
+    a flag stands only when `reference_ratio` <= `settings.max_reference_ratio`."""
+    norms = result.extras["l1_norms"]
+    if len(reference_norms) != len(norms):
+        raise PermanenceError(f"neural_cleanse: {len(reference_norms)} reference norms for {len(norms)} classes")
+    suspect = int(result.numbers["target"])
+    reference = float(reference_norms[suspect])
+    ratio = norms[suspect] / reference if reference > 0 else math.inf
+    small = ratio <= settings.max_reference_ratio
+    flagged = result.flagged and small
+    numbers = {**result.numbers, "flagged": float(flagged), "reference_l1": reference, "reference_ratio": ratio}
+    said = (f"a never-poisoned model needs |m|_1 {reference:.1f} for class {suspect}: ratio {ratio:.2f} vs at most "
+            f"{settings.max_reference_ratio}")
+    if result.flagged and not small:
+        said += ", so a natural small-mask class, not flagged"
+    extras = {**result.extras, "reference_norms": list(reference_norms)}
+    return replace(result, flagged=flagged, numbers=numbers, reason=f"{result.reason}; {said}", extras=extras)
+
+
 @CHECKS.register("neural_cleanse")
-def neural_cleanse(model: nn.Module, data: AuditData, *, seed: int = 0, **options) -> CheckResult:
-    """Options: the fields of `NeuralCleanseSettings`. `numbers`: flagged, asr (the suspect's recovered trigger on
-    held-out images), target (the suspect: the smallest-norm class), anomaly_index, norm_ratio, l1_min, l1_median,
-    classes_reached, steps, seconds. `extras`: `trigger` (the suspect's `RecoveredTrigger`), `inversion` (every
-    class's mask and pattern), `l1_norms` (the windowed norms the test read), `anomaly_indices`."""
+def neural_cleanse(model: nn.Module, data: AuditData, *, seed: int = 0,
+                   reference_norms: Sequence[float] | None = None, **options) -> CheckResult:
+    """Options: the fields of `NeuralCleanseSettings`. `reference_norms`: the `l1_norms` of the same check on a
+    never-poisoned model of the same data (see `against_reference`). `numbers`: flagged, asr (the suspect's
+    recovered trigger on held-out images), target (the suspect: the smallest-norm class), anomaly_index,
+    norm_ratio, l1_min, l1_median, classes_reached, steps, seconds (and reference_l1, reference_ratio). `extras`:
+    `trigger` (the suspect's `RecoveredTrigger`), `inversion` (every class's mask and pattern), `l1_norms` (the
+    windowed norms the test read), `anomaly_indices`."""
     settings = NeuralCleanseSettings.build(options)
     started = time.perf_counter()
     model = inference_copy(model)
@@ -309,4 +345,5 @@ def neural_cleanse(model: nn.Module, data: AuditData, *, seed: int = 0, **option
               f"anomaly index {index:.2f}); {criterion} {verb} it; its recovered trigger reaches ASR {asr:.2f} on "
               f"held-out images")
     extras = {"trigger": trigger, "inversion": inversion, "l1_norms": norms, "anomaly_indices": outlier.indices}
-    return CheckResult("neural_cleanse", flagged, numbers, reason, extras)
+    result = CheckResult("neural_cleanse", flagged, numbers, reason, extras)
+    return result if reference_norms is None else against_reference(result, reference_norms, settings)
