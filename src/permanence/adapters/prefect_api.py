@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -22,9 +25,48 @@ def shared_api() -> Iterator[str]:
 
     server = SubprocessASGIServer()
     server.start(timeout=180)  # a busy 2-core machine can take a minute
+    if server.server_process is not None:
+        reap_when_gone(os.getpid(), server.server_process.pid)
     # not stopped here: Prefect stops it at exit, after its log and event workers have flushed to it
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield server.api_url
+
+
+# Polls its parent once a second; when the parent is gone (SIGKILL, a killed terminal: no atexit ran), stops the
+# server. Its own session, so a Ctrl-C meant for the sweep does not reach it first.
+_WATCHDOG = """
+import os, signal, sys, time
+parent, child = int(sys.argv[1]), int(sys.argv[2])
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process its parent has not reaped yet is a zombie: gone
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+while alive(parent) and alive(child):
+    time.sleep(1)
+if alive(child):
+    os.kill(child, signal.SIGTERM)
+    for _ in range(50):
+        time.sleep(0.1)
+        if not alive(child):
+            break
+    else:
+        os.kill(child, signal.SIGKILL)
+"""
+
+
+def reap_when_gone(parent: int, child: int) -> subprocess.Popen:
+    """A watchdog process that stops `child` once `parent` has died: Prefect stops its temporary server at exit, which
+    a killed sweep never reaches (its orphaned uvicorn would keep the port and a core's share)."""
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(parent), str(child)], start_new_session=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 class LocalCallback:
