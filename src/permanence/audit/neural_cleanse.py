@@ -32,8 +32,9 @@ Blended M0s, 9 clean M0s, 15 versions of three 15-update timelines):
   reaches norm ratios of 0.43-0.50, which the ratio rule alone flags (4 of 64 clean versions, 2 at anomaly
   index > 2).
 - Judged against a never-poisoned model (`reference_norms`, optional): a class can need a small mask on every
-  model of the data, poisoned or not (MNIST's 8: on never-poisoned MNIST-subset models its NC norm is the smallest
-  of the ten, 27-41, a third of the median, and NC flagged 4 of 12 clean versions there). With the same inversion
+  model of the data, poisoned or not (MNIST's 8: the smallest of the ten norms on three never-poisoned baselines the
+  audit trained on the MNIST subset, 35-41 against medians of 55-69, and 27-35 on the versions of never-poisoned
+  timelines, of which NC alone flagged 2 of 12). With the same inversion
   run once on a never-poisoned model of the same architecture and data, a flag stands only when the suspect's norm
   is also at most `max_reference_ratio` (0.5) of that model's norm for the same class: measured on those registries
   (bench/results/detection_mnist/), the clean flags sat at 0.68-0.82 of three never-poisoned baselines' norms, the
