@@ -41,12 +41,13 @@ def main() -> None:
         study = Simulation(load_config(args.config, overrides))
         reference, baseline = study.train_initial(), study.train_baseline()
         inputs = study.probe_inputs(0, ProbeModels(baseline, reference))
+        others = {seed: Simulation(load_config(args.config, [*overrides[:-1], f"seed={seed}"]))
+                  for seed in dict.fromkeys([*args.seeds.split(","), "1"])}
         models = {}
         for seed in args.seeds.split(","):
-            other = Simulation(load_config(args.config, [*overrides[:-1], f"seed={seed}"]))
-            other.attack = study.attack  # the study's trigger, planted in another seed's D0
-            models[f"backdoored M0 seed {seed}"] = other.train_initial()
-        models["clean M0 seed 1"] = Simulation(load_config(args.config, [*overrides[:-1], "seed=1"])).train_baseline()
+            others[seed].attack = study.attack  # the study's trigger, planted in another seed's D0
+            models[f"backdoored M0 seed {seed}"] = others[seed].train_initial()
+        models["clean M0 seed 1"] = others["1"].train_baseline()  # never poisoned: the attack plays no part
         for label, model in models.items():
             asr = study.evaluate(model, 0)["asr"]
             values = run_probes(model, inputs, list(PROBES))

@@ -83,8 +83,8 @@ def policy_sweep(sweep: Any, store_dir: Path = Path("mlruns"), results_dir: Path
         results, missing = store.results(sweep.spec()["timelines"])
         files = write_comparison(results_dir / sweep.name, sweep.name, sweep.axes, sweep.compare, sweep.heatmap, results)
         store.finish(parent, "FAILED" if failures or missing else "FINISHED", files)
-    return {"sweep": sweep.name, "parent_run_id": parent, "experiment_id": store.experiment_id, "tracking_uri": store.uri, "files": files,
-            "timelines": len(sweep.timelines), "finished_before": skipped, "failures": failures, "missing": missing}
+    return {"sweep": sweep.name, "parent_run_id": parent, "experiment_id": store.experiment_id, "tracking_uri": store.uri,
+            "files": files, "timelines": len(sweep.timelines), "finished_before": skipped, "failures": failures, "missing": missing}
 
 
 def _follow(futures: dict[str, Any], m0s: dict[str, Any], skipped: int,

@@ -16,14 +16,9 @@ from permanence.audit.neural_cleanse import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """NC's steps are small (160 images of 16x16): a second thread buys nothing and, on a busy machine, costs
-    2-3x (measured: 3.6 s with 1 thread vs 9.7 s with 2 at load 5). Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# NC's steps are small (160 images of 16x16): a second thread buys nothing and, on a busy machine, costs 2-3x
+# (measured: 3.6 s with 1 thread vs 9.7 s with 2 at load 5)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Trained:

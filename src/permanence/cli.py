@@ -255,7 +255,7 @@ def _print_sweep(summary: dict) -> None:
               f"before); comparison in {Path(files['cells']).parent if files else '-'}/")
     out.print(f"  MLflow: parent run {summary['parent_run_id']} at {summary['tracking_uri']} "
               f"(mlflow ui --backend-store-uri {summary['tracking_uri']}, then open "
-              f"http://127.0.0.1:5000/#/experiments/{summary.get('experiment_id', '')}?workflowType=machine_learning: "
+              f"http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}?workflowType=machine_learning: "
               f"MLflow 3.17's UI opens every experiment in its GenAI view unless the URL asks otherwise)", soft_wrap=True)
     problems = {**summary["failures"], **{s: "no finished run" for s in summary["missing"] if s not in summary["failures"]}}
     for study, error in problems.items():

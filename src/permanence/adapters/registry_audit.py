@@ -349,7 +349,7 @@ def check_options(request: AuditRequest) -> dict[str, dict[str, Any]]:
     for name in request.options:
         if name not in request.checks:
             raise PermanenceError(f"--option {name}.*: {name} is not among --checks ({', '.join(request.checks)})")
-    reserved = {"neural_cleanse": {"seed", "reference_norms"}, "known_triggers": set(), "strip": {"candidates", "seed"},
+    reserved = {"neural_cleanse": {"seed"}, "known_triggers": set(), "strip": {"candidates", "seed"},
                 "dormancy": {"trigger", "target", "baseline", "baseline_numbers", "reference", "alpha", "margin", "seed"}}
     for name in request.checks:
         options = {**AUDIT_DEFAULTS.get(name, {}), **request.options.get(name, {})}
@@ -564,7 +564,9 @@ def run(plan: AuditPlan, on_event: ProgressFn = _quiet) -> AuditResult:
     timings["scan"] = time.perf_counter() - began
 
     nc_flagged = any(r.checks["neural_cleanse"].flagged for r in rows if "neural_cleanse" in r.checks)
-    wants_baseline = nc_flagged or ("dormancy" in options and choose_lineage(plan, rows) is not None)
+    known_flagged = any(r.checks["known_triggers"].flagged for r in rows if "known_triggers" in r.checks)
+    # a lineage can come only from these (choose_lineage runs once the baseline has judged Neural Cleanse's flags)
+    wants_baseline = nc_flagged or ("dormancy" in options and (plan.user_trigger is not None or known_flagged))
     baseline, baseline_label = plan.baseline, plan.baseline_label
     if baseline is None and plan.baseline_spec is not None and wants_baseline:
         on_event("baseline", None, "start", "training a never-poisoned baseline")

@@ -31,7 +31,7 @@ Blended M0s, 9 clean M0s, 15 versions of three 15-update timelines):
   versions of drifting clean timelines (digits, 15 updates of 3 degrees, audited on upright images) class 5
   reaches norm ratios of 0.43-0.50, which the ratio rule alone flags (4 of 64 clean versions, 2 at anomaly
   index > 2).
-- Judged against a never-poisoned model (`reference_norms`, optional): a class can need a small mask on every
+- Judged against a never-poisoned model (`against_reference`, what the registry audit does): a class can need a small mask on every
   model of the data, poisoned or not (MNIST's 8: the smallest of the ten norms on three never-poisoned baselines the
   audit trained on the MNIST subset, 35-41 against medians of 55-69, and 27-35 on the versions of never-poisoned
   timelines, of which NC alone flagged 2 of 12). With the same inversion
@@ -314,14 +314,12 @@ def against_reference(result: CheckResult, reference_norms: Sequence[float], set
 
 
 @CHECKS.register("neural_cleanse")
-def neural_cleanse(model: nn.Module, data: AuditData, *, seed: int = 0,
-                   reference_norms: Sequence[float] | None = None, **options) -> CheckResult:
-    """Options: the fields of `NeuralCleanseSettings`. `reference_norms`: the `l1_norms` of the same check on a
-    never-poisoned model of the same data (see `against_reference`). `numbers`: flagged, asr (the suspect's
-    recovered trigger on held-out images), target (the suspect: the smallest-norm class), anomaly_index,
-    norm_ratio, l1_min, l1_median, classes_reached, steps, seconds (and reference_l1, reference_ratio). `extras`:
-    `trigger` (the suspect's `RecoveredTrigger`), `inversion` (every class's mask and pattern), `l1_norms` (the
-    windowed norms the test read), `anomaly_indices`."""
+def neural_cleanse(model: nn.Module, data: AuditData, *, seed: int = 0, **options) -> CheckResult:
+    """Options: the fields of `NeuralCleanseSettings`. `numbers`: flagged, asr (the suspect's recovered trigger on
+    held-out images), target (the suspect: the smallest-norm class), anomaly_index, norm_ratio, l1_min, l1_median,
+    classes_reached, steps, seconds. `extras`: `trigger` (the suspect's `RecoveredTrigger`), `inversion` (every
+    class's mask and pattern), `l1_norms` (the windowed norms the test read), `anomaly_indices`. Judge it against a
+    never-poisoned model's `l1_norms` with `against_reference`."""
     settings = NeuralCleanseSettings.build(options)
     started = time.perf_counter()
     model = inference_copy(model)
@@ -346,5 +344,4 @@ def neural_cleanse(model: nn.Module, data: AuditData, *, seed: int = 0,
               f"anomaly index {index:.2f}); {criterion} {verb} it; its recovered trigger reaches ASR {asr:.2f} on "
               f"held-out images")
     extras = {"trigger": trigger, "inversion": inversion, "l1_norms": norms, "anomaly_indices": outlier.indices}
-    result = CheckResult("neural_cleanse", flagged, numbers, reason, extras)
-    return result if reference_norms is None else against_reference(result, reference_norms, settings)
+    return CheckResult("neural_cleanse", flagged, numbers, reason, extras)
