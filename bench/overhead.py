@@ -86,6 +86,7 @@ def main() -> None:
 
     from permanence import build_config, simulate
     from permanence.adapters.mlflow_store import StudyStore
+    from permanence.adapters.prefect_api import local_flow_settings
 
     imported = time.perf_counter()
 
@@ -121,7 +122,8 @@ def main() -> None:
     before, timeline = core_alone("before the flow")
     instrument(flows)
     t0 = time.perf_counter()
-    summary = flows.retraining_pipeline(config, results_dir=workdir / "results", store_dir=workdir / "mlruns")
+    with local_flow_settings():  # as `permanence simulate` runs it
+        summary = flows.retraining_pipeline(config, results_dir=workdir / "results", store_dir=workdir / "mlruns")
     full = time.perf_counter() - t0
     same = summary["clean_acc_final"] == timeline.records[-1].clean_acc and summary["asr_final"] == timeline.records[-1].asr
     print(f"full flow: {full:.1f} s (same final metrics as the core: {same})", flush=True)

@@ -257,3 +257,23 @@ def test_the_pt2_guard_refuses_pickled_payloads_and_keeps_a_clean_archive_exact(
 
     with pytest.raises(ModelRefused, match="pickled"):
         PT2Guard(ref, _rewrite(source, tmp_path / "pickled.pt2", pickled)).sanitized()
+
+
+def test_every_version_folder_is_its_own_mlflow_model_copied_from_one_template(tmp_path):
+    """The folders are copies of a template written in the background: each has its own weights, uuid and size."""
+    import torch
+    import yaml
+
+    from permanence.adapters.mlflow_store import ModelFolders, ModelSpec
+
+    spec = ModelSpec("small_cnn", 1, 8, 8, 10, [0.5], [0.25], "digits")
+    first = {"w": torch.zeros(3, 3)}
+    folders = ModelFolders(spec, first)
+    written = [folders.write(tmp_path / f"v{i}", {"w": torch.full((3, 3), float(i))}) for i in range(2)]
+    meta = [yaml.safe_load((f / "MLmodel").read_text()) for f in written]
+    assert meta[0]["model_uuid"] != meta[1]["model_uuid"]
+    assert meta[0]["signature"] == meta[1]["signature"] and "python_function" in meta[0]["flavors"]
+    for i, folder in enumerate(written):
+        weights = torch.load(folder / "artifacts" / "weights.pt", weights_only=True)
+        assert torch.equal(weights["w"], torch.full((3, 3), float(i)))
+        assert meta[i]["model_size_bytes"] > weights["w"].numel() * 4

@@ -48,3 +48,18 @@ def test_the_watchdog_leaves_when_the_server_stops_first():
         for process in (parent, server):
             if process.poll() is None:
                 process.kill()
+
+
+def test_local_flow_runs_start_no_heartbeat_thread_unless_the_user_asks(monkeypatch):
+    from prefect.settings import get_current_settings
+
+    from permanence.adapters.prefect_api import local_flow_settings
+
+    monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)
+    monkeypatch.delenv("PREFECT_RUNNER_HEARTBEAT_FREQUENCY", raising=False)
+    assert get_current_settings().flows.heartbeat_frequency is not None, "Prefect's own default sends heartbeats"
+    with local_flow_settings():
+        assert get_current_settings().flows.heartbeat_frequency is None
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
+    with local_flow_settings():  # a team that watches for zombie runs keeps its setting
+        assert get_current_settings().flows.heartbeat_frequency != None  # noqa: E711

@@ -90,9 +90,12 @@ def simulate(
             note = " (resumed)" if resumed else ""
             bars.update(versions, advance=1, info=f"v{row['version']}: acc {row['clean_acc']:.3f} asr {row['asr']:.3f}{flag}{note}")
 
+        from permanence.adapters.prefect_api import local_flow_settings
+
         try:
-            summary = flows.retraining_pipeline(cfg, results_dir=results, store_dir=store, on_event=on_event, on_version=on_version,
-                                                   simulation=simulation, export_dir=export)
+            with local_flow_settings():
+                summary = flows.retraining_pipeline(cfg, results_dir=results, store_dir=store, on_event=on_event,
+                                                    on_version=on_version, simulation=simulation, export_dir=export)
         except PermanenceError as err:
             fail(str(err))
     _print_summary(summary, results / cfg.study)
@@ -221,7 +224,7 @@ def sweep(
     except PermanenceError as err:
         fail(str(err))
 
-    from permanence.adapters.prefect_api import LocalCallback, shared_api
+    from permanence.adapters.prefect_api import LocalCallback, local_flow_settings, shared_api
 
     workers = workers or len(os.sched_getaffinity(0))
     import logging
@@ -231,7 +234,7 @@ def sweep(
     where = address or f"a local cluster of {workers} single-thread workers"
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()]
-    with shared_api(), Progress(*columns, console=console, disable=not progress, transient=False) as bars:
+    with shared_api(), local_flow_settings(), Progress(*columns, console=console, disable=not progress, transient=False) as bars:
         bar = bars.add_task(f"{spec.name} timelines", total=len(spec.timelines), info="starting " + where)
 
         def on_progress(p) -> None:

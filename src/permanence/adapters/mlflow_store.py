@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,22 +193,27 @@ def save_mlflow_model(folder: Path, state: dict[str, torch.Tensor], spec: ModelS
 
 
 class ModelFolders:
-    """Writes the MLflow Model folders of one timeline's versions. The first goes through `save_model`; the others are
-    copies of it with their own weights and a fresh `model_uuid`, time and size. Everything else in the folder (the
-    code, the environment, the signature, the input spec) is the same for every version of a timeline, and
-    `save_model` spent 40-110 ms a version re-checking requirements and re-writing it (bench/overhead.py)."""
+    """Writes the MLflow Model folders of one timeline's versions: copies of one template folder with their own weights
+    and a fresh `model_uuid`, time and size. Everything else in the folder (the code, the environment, the signature,
+    the input spec) is the same for every version of a timeline, and `save_model` spent 40-110 ms a version
+    re-checking requirements and re-writing it (bench/overhead.py).
 
-    def __init__(self, spec: ModelSpec) -> None:
+    The template is written by `save_model` on a background thread as soon as the folders are made (`state`: any
+    weights of the right shapes, replaced in every copy): the first `save_model` of a process scans every installed
+    distribution's metadata to check the model's requirements, 0.6-2.5 s measured, which would otherwise wait at the
+    first registration instead of running beside M0's training or the first update."""
+
+    def __init__(self, spec: ModelSpec, state: dict[str, torch.Tensor]) -> None:
         self.spec = spec
-        self._template: tempfile.TemporaryDirectory | None = None
+        self._folder = tempfile.TemporaryDirectory(prefix="permanence-model-")
+        template = Path(self._folder.name) / "model"
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-model-template")
+        self._template = executor.submit(save_mlflow_model, template, state, spec)
+        executor.shutdown(wait=False)
 
     def write(self, folder: Path, state: dict[str, torch.Tensor]) -> Path:
-        if self._template is None:
-            self._template = tempfile.TemporaryDirectory(prefix="permanence-model-")
-            save_mlflow_model(Path(self._template.name) / "model", state, self.spec)
-            shutil.copytree(Path(self._template.name) / "model", folder)
-            return folder
-        shutil.copytree(Path(self._template.name) / "model", folder, ignore=shutil.ignore_patterns(WEIGHTS))
+        template = self._template.result()  # re-raises what save_model raised
+        shutil.copytree(template, folder, ignore=shutil.ignore_patterns(WEIGHTS))
         torch.save(state, folder / "artifacts" / WEIGHTS)
         mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
         mlmodel.update(model_uuid=uuid.uuid4().hex, utc_time_created=str(datetime.datetime.utcnow()),
@@ -305,6 +311,11 @@ class StudyStore:
         self.client.set_tag(self.run_id, f"skipped.v{int(record['version']):03d}", json.dumps(record))
 
     # --- the registry ---------------------------------------------------------------------------
+    def prepare_models(self, spec: ModelSpec, state: dict[str, torch.Tensor]) -> None:
+        """Start writing the MLflow Model template that this timeline's versions are copied from (in the background)."""
+        if self._folders is None or self._folders.spec != spec:
+            self._folders = ModelFolders(spec, state)
+
     def _ensure_registered_model(self) -> None:
         from mlflow.exceptions import MlflowException
 
@@ -357,7 +368,7 @@ class StudyStore:
         """Log the version as an MLflow Model, then create the registry version with all its tags in one call."""
         folder = f"versions/v{int(record['version']):03d}"
         if self._folders is None or self._folders.spec != spec:
-            self._folders = ModelFolders(spec)
+            self._folders = ModelFolders(spec, state)
         with tempfile.TemporaryDirectory() as tmp:
             self.client.log_artifacts(self.run_id, str(self._folders.write(Path(tmp) / "model", state)), folder)
         if self._artifact_uri is None:

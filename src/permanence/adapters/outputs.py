@@ -13,7 +13,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from permanence.timeline import PROBE_FIELDS
+# Imported with the module, not on the first plot: matplotlib's import cost 0.5-1.5 s of the first timeline's end
+# (bench/overhead.py), a start-up cost like the other tools' imports.
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from permanence.timeline import PROBE_FIELDS  # noqa: E402
 
 COLUMNS = ["update", "drift", "poisoned", "updated", "clean_acc", "asr", "ra", "drift_score", "drift_detected",
            "stat_drift_share", "model_version", "train_seconds", "eval_seconds", "n_train", "n_poisoned"]
@@ -48,11 +55,6 @@ def read_timeline_csv(path: Path) -> list[dict[str, str]]:
 
 
 def plot_png(rows: list[dict[str, Any]], title: str, alpha: float) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     updates = [r["version"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(updates, [r["clean_acc"] for r in rows], "o-", label="clean accuracy")

@@ -12,6 +12,21 @@ from permanence.adapters import env  # noqa: F401  (first: Prefect reads its set
 
 
 @contextmanager
+def local_flow_settings() -> Iterator[None]:
+    """Settings for a flow run started here (`permanence simulate`, a sweep): no flow-run heartbeats unless the user
+    asked for them (PREFECT_FLOWS_HEARTBEAT_FREQUENCY). Prefect 3.8 turns them on by default for zombie detection of
+    deployment runs; a local run's heartbeat thread sleeps in 1 s steps and the engine joins it at the end, which
+    cost up to 1 s of every flow run (bench/overhead.py). Resume goes through the registry, not heartbeats."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    if any(os.environ.get(name) for name in ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")):
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
+@contextmanager
 def shared_api() -> Iterator[str]:
     """The Prefect API every process of a sweep reports to: PREFECT_API_URL if set (a `prefect server start` that a
     team runs), else a temporary local server started here. Without a URL each Dask worker process would start an
