@@ -41,7 +41,7 @@ def main() -> None:
 
     retrain, sweep_flow = load_flow("retrain"), load_flow("sweep")  # first: they set Prefect's home and log level
     from permanence.adapters.mlflow_store import open_client, tracking_uri
-    from permanence.adapters.prefect_api import shared_api
+    from permanence.adapters.prefect_api import local_flow_settings, shared_api
     from permanence.sweep import load_sweep, m0_key
 
     sweep = load_sweep(args.sweep)
@@ -52,7 +52,7 @@ def main() -> None:
     for store in stores.values():
         open_client(tracking_uri(store / "mlruns"))  # create each database before any clock starts
 
-    with shared_api():
+    with shared_api(), local_flow_settings():  # as `permanence sweep` / `simulate` run their flows
         t0 = time.perf_counter()
         summary = sweep_flow.policy_sweep.with_options(task_runner=sweep_flow.task_runner(args.workers, None))(
             sweep, store_dir=stores["sweep"] / "mlruns", results_dir=stores["sweep"] / "results")

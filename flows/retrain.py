@@ -17,9 +17,12 @@ from permanence.adapters import env  # noqa: F401  (first: Prefect reads its set
 from prefect import flow
 
 from permanence.adapters.mlflow_store import StudyStore
+from permanence.adapters.outputs import pyplot
 from permanence.adapters.pipeline import run_timeline
 from permanence.config import Config
 from permanence.simulation import ProgressCallback, Simulation
+
+pyplot()  # the timeline ends with a plot: import matplotlib with the flow, not at the end of the first timeline
 
 
 @flow(name="retraining-pipeline", log_prints=False)

@@ -62,4 +62,4 @@ def test_local_flow_runs_start_no_heartbeat_thread_unless_the_user_asks(monkeypa
         assert get_current_settings().flows.heartbeat_frequency is None
     monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
     with local_flow_settings():  # a team that watches for zombie runs keeps its setting
-        assert get_current_settings().flows.heartbeat_frequency != None  # noqa: E711
+        assert get_current_settings().flows.heartbeat_frequency is not None

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from permanence.adapters.outputs import atomic_write
+from permanence.adapters.outputs import atomic_write, pyplot
 
 HEADLINE = ["survivability", "survivability_above_floor", "asr_injected", "final_asr", "asr_floor_final",
             "final_clean_acc", "clean_acc_initial", "seconds"]
@@ -174,11 +174,9 @@ def _title(panel: dict[str, Any]) -> str:
 
 def heatmap_png(axes: list[str], heat_axes: list[str], cells: list[dict[str, Any]], results: list[TimelineResult],
                 title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     studies = {c["study"] for c in cells}
     kept = [r for r in results if r.study in studies]
@@ -226,11 +224,9 @@ def _series(results: list[TimelineResult], key: str) -> tuple[list[int], list[fl
 
 
 def curves_png(axes: list[str], compare: str, results: list[TimelineResult], title: str, alpha: float) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker  # noqa: F401  (MaxNLocator)
+
+    plt = pyplot()
 
     controls = _control_studies(results)
     by_study = {r.study: r for r in results}

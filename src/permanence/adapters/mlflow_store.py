@@ -367,8 +367,7 @@ class StudyStore:
     def register_version(self, record: dict[str, Any], state: dict[str, torch.Tensor], spec: ModelSpec) -> str:
         """Log the version as an MLflow Model, then create the registry version with all its tags in one call."""
         folder = f"versions/v{int(record['version']):03d}"
-        if self._folders is None or self._folders.spec != spec:
-            self._folders = ModelFolders(spec, state)
+        self.prepare_models(spec, state)
         with tempfile.TemporaryDirectory() as tmp:
             self.client.log_artifacts(self.run_id, str(self._folders.write(Path(tmp) / "model", state)), folder)
         if self._artifact_uri is None:

@@ -13,14 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# Imported with the module, not on the first plot: matplotlib's import cost 0.5-1.5 s of the first timeline's end
-# (bench/overhead.py), a start-up cost like the other tools' imports.
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from permanence.timeline import PROBE_FIELDS  # noqa: E402
+from permanence.timeline import PROBE_FIELDS
 
 COLUMNS = ["update", "drift", "poisoned", "updated", "clean_acc", "asr", "ra", "drift_score", "drift_detected",
            "stat_drift_share", "model_version", "train_seconds", "eval_seconds", "n_train", "n_poisoned"]
@@ -54,7 +47,20 @@ def read_timeline_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, imported on first use: a sweep's workers import this module and never
+    plot. `flows/retrain.py` calls it at import, since its timeline ends with a plot: matplotlib's import cost
+    0.5-1.5 s at the end of the first timeline otherwise (bench/overhead.py), a start-up cost like the other tools'."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_png(rows: list[dict[str, Any]], title: str, alpha: float) -> bytes:
+    plt = pyplot()
     updates = [r["version"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(updates, [r["clean_acc"] for r in rows], "o-", label="clean accuracy")
