@@ -200,7 +200,7 @@ class ModelFolders:
 
     The template is written by `save_model` on a background thread as soon as the folders are made (`state`: any
     weights of the right shapes, replaced in every copy): the first `save_model` of a process scans every installed
-    distribution's metadata to check the model's requirements, 0.6-2.5 s measured, which would otherwise wait at the
+    distribution's metadata to check the model's requirements, 0.85-2.2 s measured (bench/overhead.py), which would otherwise wait at the
     first registration instead of running beside M0's training or the first update."""
 
     def __init__(self, spec: ModelSpec, state: dict[str, torch.Tensor]) -> None:
