@@ -69,15 +69,19 @@ def instrument(flows) -> None:
     drift_check.domain_classifier = timed("Evidently domain classifier", drift_check.domain_classifier)
 
 
-def cpu_seconds() -> dict[str, float]:
-    """CPU seconds so far of this process (all threads) and of its children (Prefect's server), by name."""
+def cpu_used(fn):
+    """`fn()` and the CPU seconds it took this process (all threads) and its children (Prefect's server), by name."""
     import psutil
 
-    me = psutil.Process()
-    children = me.children(recursive=True)
-    own = me.cpu_times()
-    return {"CPU: this process, all threads": own.user + own.system,
-            "CPU: Prefect server and other child processes": sum(sum(c.cpu_times()[:2]) for c in children)}
+    def now() -> dict[str, float]:
+        me = psutil.Process()
+        return {"CPU: this process, all threads": sum(me.cpu_times()[:2]),
+                "CPU: Prefect server and other child processes":
+                    sum(sum(child.cpu_times()[:2]) for child in me.children(recursive=True))}
+
+    before = now()
+    result = fn()
+    return result, {label: seconds - before[label] for label, seconds in now().items()}
 
 
 def main() -> None:
@@ -132,16 +136,13 @@ def main() -> None:
 
     # The core runs before and after the flow, so warm-up effects (file cache, first kernels) do not
     # favour whichever side runs second; the ratio divides by the mean of the two.
-    cpu_core = cpu_seconds()
-    before, timeline = core_alone("before the flow")
-    cpu_core = {k: v - cpu_core[k] for k, v in cpu_seconds().items()}
+    (before, timeline), cpu_core = cpu_used(lambda: core_alone("before the flow"))
     instrument(flows)
-    cpu_before = cpu_seconds()
     t0 = time.perf_counter()
     with local_flow_settings():  # as `permanence simulate` runs it
-        summary = flows.retraining_pipeline(config, results_dir=workdir / "results", store_dir=workdir / "mlruns")
+        summary, cpu_flow = cpu_used(lambda: flows.retraining_pipeline(config, results_dir=workdir / "results",
+                                                                       store_dir=workdir / "mlruns"))
     full = time.perf_counter() - t0
-    cpu_spent = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_seconds().items()}
     same = summary["clean_acc_final"] == timeline.records[-1].clean_acc and summary["asr_final"] == timeline.records[-1].asr
     print(f"full flow: {full:.1f} s (same final metrics as the core: {same})", flush=True)
     after, _ = core_alone("after the flow")
@@ -160,7 +161,7 @@ def main() -> None:
     inside_flow = SPENT["run_timeline (all but the flow's own start and end)"] + SPENT["StudyStore() (client, lock, experiment)"]
     print(f"{'the Prefect flow run itself (start, parameters, end)':52} {1000 * (full - inside_flow) / versions:10.1f}")
     # CPU time, not wall time: what competes with the core's two torch threads on the same cores
-    for label, seconds in cpu_spent.items():
+    for label, seconds in cpu_flow.items():
         print(f"{label:52} {1000 * seconds / versions:10.1f}   (core alone: {1000 * cpu_core[label] / versions:.1f})")
     print(f"overhead_ratio={full / core:.3f}")
 
