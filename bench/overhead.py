@@ -50,7 +50,7 @@ def instrument(flows) -> None:
 
     from permanence.adapters import drift_check, mlflow_store, pipeline
 
-    for name in ("train_initial_model", "load_registered", "ingest", "check_drift", "update_and_evaluate",
+    for name in ("train_initial_model", "load_registered", "ingest_and_check_drift", "update_and_evaluate",
                  "keep_production", "register", "record_skip", "baseline_model", "start_from_shared"):
         task = getattr(pipeline, name)
         task.fn = timed(f"task {name}: inside", task.fn)

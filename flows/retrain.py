@@ -1,6 +1,6 @@
 """The production retraining pipeline as a Prefect flow: one timeline of one study.
 
-The steps (train or load M0, ingest, drift check, update, evaluate, register) and resume live in
+The steps (train or load M0, ingest and check for drift, update and evaluate, register) and resume live in
 `permanence.adapters.pipeline.run_timeline`, the one per-timeline code path that a sweep's timelines take too.
 
     python flows/retrain.py --config params.yaml [--set key=value ...]

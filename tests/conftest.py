@@ -1,9 +1,12 @@
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# the suite's MLflow Model templates (and their subprocesses') in a cache of its own, not the user's
+os.environ.setdefault("PERMANENCE_CACHE_DIR", tempfile.mkdtemp(prefix="permanence-test-cache-"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

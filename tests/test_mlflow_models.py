@@ -260,15 +260,14 @@ def test_the_pt2_guard_refuses_pickled_payloads_and_keeps_a_clean_archive_exact(
 
 
 def test_every_version_folder_is_its_own_mlflow_model_copied_from_one_template(tmp_path):
-    """The folders are copies of a template written in the background: each has its own weights, uuid and size."""
+    """The folders are copies of one template folder: each has its own weights, uuid and size."""
     import torch
     import yaml
 
     from permanence.adapters.mlflow_store import ModelFolders, ModelSpec
 
     spec = ModelSpec("small_cnn", 1, 8, 8, 10, [0.5], [0.25], "digits")
-    first = {"w": torch.zeros(3, 3)}
-    folders = ModelFolders(spec, first)
+    folders = ModelFolders(spec)
     written = [folders.write(tmp_path / f"v{i}", {"w": torch.full((3, 3), float(i))}) for i in range(2)]
     meta = [yaml.safe_load((f / "MLmodel").read_text()) for f in written]
     assert meta[0]["model_uuid"] != meta[1]["model_uuid"]
@@ -277,3 +276,30 @@ def test_every_version_folder_is_its_own_mlflow_model_copied_from_one_template(t
         weights = torch.load(folder / "artifacts" / "weights.pt", weights_only=True)
         assert torch.equal(weights["w"], torch.full((3, 3), float(i)))
         assert meta[i]["model_size_bytes"] > weights["w"].numel() * 4
+
+
+def test_the_template_is_written_once_per_spec_and_environment_and_kept_in_the_cache(tmp_path, monkeypatch):
+    import torch
+
+    from permanence.adapters import mlflow_store
+    from permanence.adapters.mlflow_store import ModelFolders, ModelSpec
+
+    monkeypatch.setenv("PERMANENCE_CACHE_DIR", str(tmp_path / "cache"))
+    writes = []
+    save = mlflow_store.save_mlflow_model
+    monkeypatch.setattr(mlflow_store, "save_mlflow_model", lambda *a: writes.append(a[2]) or save(*a))
+    digits = ModelSpec("small_cnn", 1, 8, 8, 10, [0.5], [0.25], "digits")
+    mnist = ModelSpec("small_cnn", 1, 28, 28, 10, [0.13], [0.31], "mnist")
+    for spec in (digits, digits, mnist, digits):
+        ModelFolders(spec)  # e.g. one per process of a sweep
+    assert writes == [digits, mnist]
+    templates = sorted((tmp_path / "cache" / "mlflow-model-templates").iterdir())
+    assert len(templates) == 2 and all(not (t / "artifacts" / "weights.pt").exists() for t in templates)
+    # a copy is a whole MLflow Model again, and a cleared cache is written anew
+    copy = ModelFolders(mnist).write(tmp_path / "v0", {"w": torch.zeros(2)})
+    assert (copy / "MLmodel").is_file() and (copy / "artifacts" / "input.json").is_file()
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache")
+    ModelFolders(digits)
+    assert writes == [digits, mnist, digits]

@@ -14,6 +14,8 @@ import torch
 
 # Imported with the module, not on the first check: Evidently's import costs seconds (a start-up cost).
 from evidently import Report
+from evidently.legacy.calculations.stattests import get_stattest
+from evidently.legacy.core import ColumnType
 from evidently.legacy.metrics.data_drift.embedding_drift_methods import model as domain_classifier
 from evidently.metrics import DriftedColumnsCount
 from evidently.presets import DataDriftPreset
@@ -68,11 +70,22 @@ def check_drift(reference_images: torch.Tensor, images: torch.Tensor, embed: Cal
 
     ref_stats = image_statistics(reference)
     cur_stats = image_statistics(current)
-    metrics = [DriftedColumnsCount(drift_share=stat_share)]
-    if report_path is not None:
-        metrics.append(DataDriftPreset())
-    snapshot = Report(metrics).run(reference_data=ref_stats, current_data=cur_stats)
-    share = float(snapshot.dict()["metrics"][0]["value"]["share"])
-    if report_path is not None:
+    if report_path is None:
+        share = drifted_share(ref_stats, cur_stats)
+    else:
+        snapshot = Report([DriftedColumnsCount(drift_share=stat_share), DataDriftPreset()]).run(
+            reference_data=ref_stats, current_data=cur_stats)
+        share = float(snapshot.dict()["metrics"][0]["value"]["share"])
         snapshot.save_html(str(report_path))
     return DriftResult(float(score), bool(embedding_drift), share, share >= stat_share)
+
+
+def drifted_share(reference: pd.DataFrame, current: pd.DataFrame) -> float:
+    """The share of columns that drifted by the test Evidently's reports choose for each (its default for numerical
+    columns of this size, at its default threshold): what `DriftedColumnsCount` reports, without building a report.
+    A report spent 75 ms an update on distributions and plots that no one sees when no HTML is written."""
+    drifted = 0
+    for column in reference.columns:
+        test = get_stattest(reference[column], current[column], ColumnType.Numerical, None)
+        drifted += bool(test(reference[column], current[column], ColumnType.Numerical, None).drifted)
+    return drifted / len(reference.columns)

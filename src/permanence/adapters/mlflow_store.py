@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import uuid
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,34 +191,74 @@ def save_mlflow_model(folder: Path, state: dict[str, torch.Tensor], spec: ModelS
     return folder
 
 
+def cache_root() -> Path:
+    """Where Permanence keeps what it can rebuild: PERMANENCE_CACHE_DIR, else $XDG_CACHE_HOME/permanence or
+    ~/.cache/permanence."""
+    if os.environ.get("PERMANENCE_CACHE_DIR"):
+        return Path(os.environ["PERMANENCE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "permanence"
+
+
+def template_key(spec: ModelSpec) -> str:
+    """What an MLflow Model template folder depends on: the spec, the tools' versions, the pyfunc code."""
+    import sys
+
+    import mlflow
+
+    from permanence import __version__
+    from permanence.adapters import pyfunc_model
+
+    parts = [json.dumps(spec.__dict__, sort_keys=True), mlflow.__version__, torch.__version__, sys.version, __version__,
+             hashlib.sha256(Path(pyfunc_model.__file__).read_bytes()).hexdigest(),
+             hashlib.sha256(Path(__file__).read_bytes()).hexdigest()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def model_template(spec: ModelSpec) -> Path:
+    """An MLflow Model folder for `spec` without its weights, written by `save_model` once per environment and kept in
+    the cache. The first `save_model` of a process scans every installed distribution's
+    metadata to check the model's requirements: 0.7 s alone, and 2-2.5 s on a background thread beside M0's
+    training, whose loop it took the GIL from (bench/overhead.py, py-spy); every process of a sweep paid it."""
+    folder = cache_root() / "mlflow-model-templates" / template_key(spec)
+    if (folder / "MLmodel").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        (save_mlflow_model(staging / "model", {}, spec) / "artifacts" / WEIGHTS).unlink()
+        try:
+            os.rename(staging / "model", folder)  # atomic: a reader sees the whole folder or none
+        except OSError:
+            if not (folder / "MLmodel").is_file():  # not another process's template written meanwhile
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
 class ModelFolders:
     """Writes the MLflow Model folders of one timeline's versions: copies of one template folder with their own weights
     and a fresh `model_uuid`, time and size. Everything else in the folder (the code, the environment, the signature,
     the input spec) is the same for every version of a timeline, and `save_model` spent 40-110 ms a version
-    re-checking requirements and re-writing it (bench/overhead.py).
+    re-checking requirements and re-writing it (bench/overhead.py). The template comes from `model_template`."""
 
-    The template is written by `save_model` on a background thread as soon as the folders are made (`state`: any
-    weights of the right shapes, replaced in every copy): the first `save_model` of a process scans every installed
-    distribution's metadata to check the model's requirements, 0.85-2.2 s measured (bench/overhead.py), which would otherwise wait at the
-    first registration instead of running beside M0's training or the first update."""
-
-    def __init__(self, spec: ModelSpec, state: dict[str, torch.Tensor]) -> None:
+    def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
-        self._folder = tempfile.TemporaryDirectory(prefix="permanence-model-")
-        template = Path(self._folder.name) / "model"
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-model-template")
-        self._template = executor.submit(save_mlflow_model, template, state, spec)
-        executor.shutdown(wait=False)
+        self._template = model_template(spec)
 
     def write(self, folder: Path, state: dict[str, torch.Tensor]) -> Path:
-        template = self._template.result()  # re-raises what save_model raised
-        shutil.copytree(template, folder, ignore=shutil.ignore_patterns(WEIGHTS))
+        shutil.copytree(self._template, folder)
         torch.save(state, folder / "artifacts" / WEIGHTS)
         mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
         mlmodel.update(model_uuid=uuid.uuid4().hex, utc_time_created=str(datetime.datetime.utcnow()),
                        model_size_bytes=sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()))
         (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel, default_flow_style=False, sort_keys=True))
         return folder
+
+
+def write_mlflow_model(folder: Path, state: dict[str, torch.Tensor], spec: ModelSpec) -> Path:
+    """One MLflow Model folder (a shared M0, a probe's baseline): a copy of the template with these weights."""
+    return ModelFolders(spec).write(folder, state)
 
 
 def load_weights(client_uri: str, source: str) -> dict[str, torch.Tensor]:
@@ -311,10 +350,10 @@ class StudyStore:
         self.client.set_tag(self.run_id, f"skipped.v{int(record['version']):03d}", json.dumps(record))
 
     # --- the registry ---------------------------------------------------------------------------
-    def prepare_models(self, spec: ModelSpec, state: dict[str, torch.Tensor]) -> None:
-        """Start writing the MLflow Model template that this timeline's versions are copied from (in the background)."""
+    def prepare_models(self, spec: ModelSpec) -> None:
+        """Find (or write) the MLflow Model template that this timeline's versions are copied from."""
         if self._folders is None or self._folders.spec != spec:
-            self._folders = ModelFolders(spec, state)
+            self._folders = ModelFolders(spec)
 
     def _ensure_registered_model(self) -> None:
         from mlflow.exceptions import MlflowException
@@ -367,7 +406,7 @@ class StudyStore:
     def register_version(self, record: dict[str, Any], state: dict[str, torch.Tensor], spec: ModelSpec) -> str:
         """Log the version as an MLflow Model, then create the registry version with all its tags in one call."""
         folder = f"versions/v{int(record['version']):03d}"
-        self.prepare_models(spec, state)
+        self.prepare_models(spec)
         with tempfile.TemporaryDirectory() as tmp:
             self.client.log_artifacts(self.run_id, str(self._folders.write(Path(tmp) / "model", state)), folder)
         if self._artifact_uri is None:

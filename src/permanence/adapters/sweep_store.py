@@ -13,7 +13,7 @@ import torch
 
 from permanence.adapters.comparison import TimelineResult
 from permanence.adapters.mlflow_store import (
-    PARENT_TAG, ModelSpec, artifact_root, ensure_experiment, existing_uri, open_client, save_mlflow_model, tracking_uri,
+    PARENT_TAG, ModelSpec, artifact_root, ensure_experiment, existing_uri, open_client, write_mlflow_model, tracking_uri,
 )
 from permanence.errors import PermanenceError
 
@@ -109,7 +109,7 @@ class SweepStore:
                                            "mlflow.note.content": description})
         run_id = run.info.run_id
         with tempfile.TemporaryDirectory() as tmp:
-            self.client.log_artifacts(run_id, str(save_mlflow_model(Path(tmp) / "model", state, spec)), M0_FOLDER)
+            self.client.log_artifacts(run_id, str(write_mlflow_model(Path(tmp) / "model", state, spec)), M0_FOLDER)
         self.client.log_batch(run_id, metrics=[Metric("train_seconds", seconds, 0, 0)])
         self.client.set_terminated(run_id, "FINISHED")
         return SharedModel(key, f"{run.info.artifact_uri}/{M0_FOLDER}", run_id, seconds)
