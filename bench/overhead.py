@@ -50,10 +50,13 @@ def instrument(flows) -> None:
 
     from permanence.adapters import drift_check, mlflow_store, pipeline
 
-    for name in ("train_initial_model", "load_registered", "ingest_and_check_drift", "update_and_evaluate",
+    for name in ("train_initial_model", "load_registered", "ingest_and_check_drift", "update_and_register",
                  "keep_production", "register", "record_skip", "baseline_model", "start_from_shared"):
         task = getattr(pipeline, name)
-        task.fn = timed(f"task {name}: inside", task.fn)
+        # register's function also runs inside update_and_register (one task per update): counted on its own line
+        inside = "registry write (register, as a task or inside update_and_register)" if name == "register" else \
+            f"task {name}: inside"
+        task.fn = timed(inside, task.fn)
         setattr(pipeline, name, timed(f"task {name}: as called", task))
     for name in ("log_batch", "log_artifacts", "log_artifact", "create_model_version", "set_registered_model_alias",
                  "get_run", "search_runs", "search_model_versions", "create_run", "set_terminated", "update_run",
@@ -155,7 +158,7 @@ def main() -> None:
     for label in sorted(SPENT, key=lambda k: -SPENT[k]):
         print(f"{label:52} {1000 * SPENT[label] / versions:10.1f} {CALLS[label]:6d}")
     outer = sum(v for k, v in SPENT.items() if k.endswith("as called"))
-    inner = sum(v for k, v in SPENT.items() if k.endswith("inside"))
+    inner = sum(v for k, v in SPENT.items() if k.endswith("inside")) + SPENT["task register: as called"]
     print(f"{'Prefect task machinery (as called - inside)':52} {1000 * (outer - inner) / versions:10.1f}")
     print(f"{'outside the tasks (run open/close, resume, files)':52} {1000 * (full - outer) / versions:10.1f}")
     inside_flow = SPENT["run_timeline (all but the flow's own start and end)"] + SPENT["StudyStore() (client, lock, experiment)"]

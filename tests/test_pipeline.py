@@ -140,6 +140,11 @@ def test_transient_failure_is_retried_and_drift_reports_are_kept(flows, tmp_path
     assert sorted(int(v.tags["update"]) for v in client.search_model_versions("name='flaky'")) == [0, 1]
     reports = [a.path for a in client.list_artifacts(summary["mlflow_run_id"], "drift_reports")]
     assert reports == ["drift_reports/drift_v001.html"]
+    # the retried update started again from the production weights: the same model as a run that never failed
+    monkeypatch.setattr(StudyStore, "register_version", original)
+    steady = flows.retraining_pipeline(config.model_copy(update={"study": "steady"}), results_dir=tmp_path / "results",
+                                       store_dir=tmp_path / "mlruns")
+    assert (steady["clean_acc_final"], steady["asr_final"]) == (summary["clean_acc_final"], summary["asr_final"])
 
 
 TRIGGERED = TINY + ["update.trigger=drift", "drift.schedule=sudden", "drift.at_update=2", "drift.delta=45",

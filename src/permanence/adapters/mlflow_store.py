@@ -74,7 +74,7 @@ def lock_dir(uri: str) -> Path:
     db = _sqlite_file(uri)
     if db is not None:
         return db.parent / "locks"
-    return Path.home() / ".cache" / "permanence" / "locks" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return cache_root() / "locks" / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
 def open_client(uri: str):

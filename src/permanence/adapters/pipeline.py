@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from permanence.adapters import env  # noqa: F401  (first: Prefect reads its settings when imported)
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -81,9 +83,16 @@ def ingest_and_check_drift(sim: Simulation, model, version: int, reference, repo
 
 
 @task(**RETRIES)
-def update_and_evaluate(sim: Simulation, model, version: int, data, on_event: ProgressCallback | None,
-                        probes: ProbeModels | None):
-    return sim.step(model, version, on_event, data, probes=probes)
+def update_and_register(sim: Simulation, store: StudyStore, model, production: dict[str, torch.Tensor], version: int,
+                        data, drift, spec: ModelSpec, on_event: ProgressCallback | None, probes: ProbeModels | None):
+    """Update the production model by the policy, evaluate it and register it as the new version. One task, not two:
+    each Prefect task run costs its server 20-50 ms of CPU (bench/overhead.py). `production`: a copy of the weights
+    the update starts from, loaded first, so that a retry (after a failed registration, say) trains this update
+    again instead of a second one on top of the first try's in-place changes."""
+    model.load_state_dict(production)
+    model, base = sim.step(model, version, on_event, data, probes=probes)
+    record = _record(base, drift)
+    return model, record, register.fn(store, record, model, spec)
 
 
 @task(**RETRIES)
@@ -227,9 +236,9 @@ def _versions(sim: Simulation, store: StudyStore, m0: SharedModel | None, shared
                 record_skip(store, record)
                 registry_version = production["model_version"]
             else:
-                model, base = update_and_evaluate(sim, model, version, incoming, on_event, probes)
-                record = _record(base, drift)
-                registry_version = register(store, record, model, spec)
+                production_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                model, record, registry_version = update_and_register(sim, store, model, production_weights, version,
+                                                                      incoming, drift, spec, on_event, probes)
         if probes is not None and record["poisoned"]:
             probes = replace(probes, reference=sim.load_model(state_on_cpu(model)))  # a copy: updates change `model`
         row = {**record, "model_version": registry_version}
