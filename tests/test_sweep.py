@@ -276,3 +276,26 @@ def test_a_study_already_being_run_stops_with_one_line(tmp_path, monkeypatch):
     client = _client(tmp_path)
     experiment = client.get_experiment_by_name("busy")
     assert experiment is None or not client.search_runs([experiment.experiment_id]), "no run was started"
+
+
+LOCAL_WORKERS = """
+from permanence.adapters.flow_loader import load_flow
+from distributed import Client, LocalCluster
+import json, os
+
+if __name__ == "__main__":
+    runner = load_flow("sweep").task_runner(1, None)
+    with LocalCluster(**runner.cluster_kwargs) as cluster, Client(cluster) as client:
+        seen = client.run(lambda: (__import__("dask").config.get("distributed.worker.profile.enabled"),
+                                   os.environ.get("MALLOC_TRIM_THRESHOLD_")))
+    print(json.dumps(list(seen.values())))
+"""
+
+
+def test_the_local_clusters_workers_run_without_dasks_profiler_and_malloc_trim(tmp_path):
+    script = tmp_path / "workers.py"
+    script.write_text(LOCAL_WORKERS)
+    env = {k: v for k, v in _env(tmp_path).items() if k != "MALLOC_TRIM_THRESHOLD_"}  # Dask's nanny would add it
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [[False, None]]
