@@ -264,11 +264,10 @@ def test_every_version_folder_is_its_own_mlflow_model_copied_from_one_template(t
     import torch
     import yaml
 
-    from permanence.adapters.mlflow_store import ModelFolders, ModelSpec
+    from permanence.adapters.mlflow_store import ModelSpec, write_mlflow_model
 
     spec = ModelSpec("small_cnn", 1, 8, 8, 10, [0.5], [0.25], "digits")
-    folders = ModelFolders(spec)
-    written = [folders.write(tmp_path / f"v{i}", {"w": torch.full((3, 3), float(i))}) for i in range(2)]
+    written = [write_mlflow_model(tmp_path / f"v{i}", {"w": torch.full((3, 3), float(i))}, spec) for i in range(2)]
     meta = [yaml.safe_load((f / "MLmodel").read_text()) for f in written]
     assert meta[0]["model_uuid"] != meta[1]["model_uuid"]
     assert meta[0]["signature"] == meta[1]["signature"] and "python_function" in meta[0]["flavors"]
@@ -279,10 +278,12 @@ def test_every_version_folder_is_its_own_mlflow_model_copied_from_one_template(t
 
 
 def test_the_template_is_written_once_per_spec_and_environment_and_kept_in_the_cache(tmp_path, monkeypatch):
+    import shutil
+
     import torch
 
     from permanence.adapters import mlflow_store
-    from permanence.adapters.mlflow_store import ModelFolders, ModelSpec
+    from permanence.adapters.mlflow_store import ModelSpec, model_template, write_mlflow_model
 
     monkeypatch.setenv("PERMANENCE_CACHE_DIR", str(tmp_path / "cache"))
     writes = []
@@ -291,15 +292,13 @@ def test_the_template_is_written_once_per_spec_and_environment_and_kept_in_the_c
     digits = ModelSpec("small_cnn", 1, 8, 8, 10, [0.5], [0.25], "digits")
     mnist = ModelSpec("small_cnn", 1, 28, 28, 10, [0.13], [0.31], "mnist")
     for spec in (digits, digits, mnist, digits):
-        ModelFolders(spec)  # e.g. one per process of a sweep
+        model_template(spec)  # e.g. one per process of a sweep
     assert writes == [digits, mnist]
     templates = sorted((tmp_path / "cache" / "mlflow-model-templates").iterdir())
     assert len(templates) == 2 and all(not (t / "artifacts" / "weights.pt").exists() for t in templates)
     # a copy is a whole MLflow Model again, and a cleared cache is written anew
-    copy = ModelFolders(mnist).write(tmp_path / "v0", {"w": torch.zeros(2)})
+    copy = write_mlflow_model(tmp_path / "v0", {"w": torch.zeros(2)}, mnist)
     assert (copy / "MLmodel").is_file() and (copy / "artifacts" / "input.json").is_file()
-    import shutil
-
     shutil.rmtree(tmp_path / "cache")
-    ModelFolders(digits)
+    model_template(digits)
     assert writes == [digits, mnist, digits]

@@ -13,6 +13,7 @@ file lock, and a timeline is written by one process at a time (a second one stop
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -199,8 +200,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "permanence"
 
 
-def template_key(spec: ModelSpec) -> str:
-    """What an MLflow Model template folder depends on: the spec, the tools' versions, the pyfunc code."""
+@functools.cache
+def _environment_key() -> str:
+    """What every template of this process depends on: the tools' versions and the pyfunc and writer code."""
     import sys
 
     import mlflow
@@ -208,10 +210,15 @@ def template_key(spec: ModelSpec) -> str:
     from permanence import __version__
     from permanence.adapters import pyfunc_model
 
-    parts = [json.dumps(spec.__dict__, sort_keys=True), mlflow.__version__, torch.__version__, sys.version, __version__,
+    parts = [mlflow.__version__, torch.__version__, sys.version, __version__,
              hashlib.sha256(Path(pyfunc_model.__file__).read_bytes()).hexdigest(),
              hashlib.sha256(Path(__file__).read_bytes()).hexdigest()]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+    return "\n".join(parts)
+
+
+def template_key(spec: ModelSpec) -> str:
+    """What an MLflow Model template folder depends on: the spec and the environment."""
+    return hashlib.sha256(f"{json.dumps(spec.__dict__, sort_keys=True)}\n{_environment_key()}".encode()).hexdigest()[:24]
 
 
 def model_template(spec: ModelSpec) -> Path:
@@ -236,29 +243,18 @@ def model_template(spec: ModelSpec) -> Path:
     return folder
 
 
-class ModelFolders:
-    """Writes the MLflow Model folders of one timeline's versions: copies of one template folder with their own weights
-    and a fresh `model_uuid`, time and size. Everything else in the folder (the code, the environment, the signature,
-    the input spec) is the same for every version of a timeline, and `save_model` spent 40-110 ms a version
-    re-checking requirements and re-writing it (bench/overhead.py). The template comes from `model_template`."""
-
-    def __init__(self, spec: ModelSpec) -> None:
-        self.spec = spec
-        self._template = model_template(spec)
-
-    def write(self, folder: Path, state: dict[str, torch.Tensor]) -> Path:
-        shutil.copytree(self._template, folder)
-        torch.save(state, folder / "artifacts" / WEIGHTS)
-        mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
-        mlmodel.update(model_uuid=uuid.uuid4().hex, utc_time_created=str(datetime.datetime.utcnow()),
-                       model_size_bytes=sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()))
-        (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel, default_flow_style=False, sort_keys=True))
-        return folder
-
-
 def write_mlflow_model(folder: Path, state: dict[str, torch.Tensor], spec: ModelSpec) -> Path:
-    """One MLflow Model folder (a shared M0, a probe's baseline): a copy of the template with these weights."""
-    return ModelFolders(spec).write(folder, state)
+    """One MLflow Model folder (a version, a shared M0, a probe's baseline): a copy of the spec's template with these
+    weights and its own `model_uuid`, time and size. Everything else in the folder (the code, the environment, the
+    signature, the input spec) is the same for every model of a spec, and `save_model` spent 40-110 ms a version
+    re-checking requirements and re-writing it (bench/overhead.py)."""
+    shutil.copytree(model_template(spec), folder)
+    torch.save(state, folder / "artifacts" / WEIGHTS)
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    mlmodel.update(model_uuid=uuid.uuid4().hex, utc_time_created=str(datetime.datetime.utcnow()),
+                   model_size_bytes=sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()))
+    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel, default_flow_style=False, sort_keys=True))
+    return folder
 
 
 def load_weights(client_uri: str, source: str) -> dict[str, torch.Tensor]:
@@ -293,7 +289,6 @@ class StudyStore:
         self.run_id: str | None = None
         self._artifact_uri: str | None = None
         self._registered = False
-        self._folders: ModelFolders | None = None
 
     # --- the run --------------------------------------------------------------------------------
     def _runs(self, status_clause: str) -> list:
@@ -350,11 +345,6 @@ class StudyStore:
         self.client.set_tag(self.run_id, f"skipped.v{int(record['version']):03d}", json.dumps(record))
 
     # --- the registry ---------------------------------------------------------------------------
-    def prepare_models(self, spec: ModelSpec) -> None:
-        """Find (or write) the MLflow Model template that this timeline's versions are copied from."""
-        if self._folders is None or self._folders.spec != spec:
-            self._folders = ModelFolders(spec)
-
     def _ensure_registered_model(self) -> None:
         from mlflow.exceptions import MlflowException
 
@@ -406,9 +396,8 @@ class StudyStore:
     def register_version(self, record: dict[str, Any], state: dict[str, torch.Tensor], spec: ModelSpec) -> str:
         """Log the version as an MLflow Model, then create the registry version with all its tags in one call."""
         folder = f"versions/v{int(record['version']):03d}"
-        self.prepare_models(spec)
         with tempfile.TemporaryDirectory() as tmp:
-            self.client.log_artifacts(self.run_id, str(self._folders.write(Path(tmp) / "model", state)), folder)
+            self.client.log_artifacts(self.run_id, str(write_mlflow_model(Path(tmp) / "model", state, spec)), folder)
         if self._artifact_uri is None:
             self._artifact_uri = self.client.get_run(self.run_id).info.artifact_uri
         return self._create_version(record, f"{self._artifact_uri}/{folder}", self.run_id)

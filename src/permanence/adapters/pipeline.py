@@ -193,8 +193,6 @@ def _versions(sim: Simulation, store: StudyStore, m0: SharedModel | None, shared
     spec = ModelSpec.of(sim)
     done = store.completed_versions()
     logged = store.logged_steps() if done else set()
-    if len(done) < sim.versions:
-        store.prepare_models(spec)
     probes = ProbeModels(baseline_model(sim, store, shared_baseline)) if sim.probes_enabled else None
     rows: list[dict[str, Any]] = []
     model = None
