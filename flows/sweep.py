@@ -35,7 +35,7 @@ def task_runner(workers: int, address: str | None) -> DaskTaskRunner:
     # a page fault each (3x slower timelines; see sweep_tasks.undo_malloc_trim); None unsets it for our workers
     dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
     # and each worker samples its threads' stacks every 10 ms for the dashboard's profile, in Python under the GIL
-    # (py-spy on a 6-timeline digits sweep: about 14 s of the workers' 391 s of CPU); this cluster has no dashboard
+    # (py-spy on a 6-timeline digits sweep: 15.5 s of the workers' 404.5 s of Python samples); this cluster has no dashboard
     dask.config.set({"distributed.worker.profile.enabled": False})
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                                           "dashboard_address": None})

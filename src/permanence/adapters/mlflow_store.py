@@ -224,8 +224,8 @@ def template_key(spec: ModelSpec) -> str:
 def model_template(spec: ModelSpec) -> Path:
     """An MLflow Model folder for `spec` without its weights, written by `save_model` once per environment and kept in
     the cache. The first `save_model` of a process scans every installed distribution's
-    metadata to check the model's requirements: 0.7 s alone, and 2-2.5 s on a background thread beside M0's
-    training, whose loop it took the GIL from (bench/overhead.py, py-spy); every process of a sweep paid it."""
+    metadata to check the model's requirements (0.7 s for the scan alone); on a background thread beside M0's
+    training it took the GIL from the training loop (bench/overhead.py: train_initial 3.5 s, 1.5-1.7 s without it; py-spy); every process of a sweep paid it."""
     folder = cache_root() / "mlflow-model-templates" / template_key(spec)
     if (folder / "MLmodel").is_file():
         return folder

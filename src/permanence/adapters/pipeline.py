@@ -70,7 +70,7 @@ def load_registered(store: StudyStore, registry_version: str, update: int, sim: 
 def ingest_and_check_drift(sim: Simulation, model, version: int, reference, report_dir: Path | None):
     """This update's incoming data, drifted and poisoned where the schedule says, and (with `tracking.drift_check`)
     Evidently's check of it against the `reference` images, on the production model's embeddings. One task,
-    not two: each Prefect task run cost its server 35-45 ms of CPU, taken from training on a 2-core machine."""
+    not two: each Prefect task run costs its server 21-57 ms of CPU, taken from training on a 2-core machine."""
     incoming = sim.training_set(version)
     cfg = sim.config.tracking
     if not cfg.drift_check:
@@ -86,7 +86,7 @@ def ingest_and_check_drift(sim: Simulation, model, version: int, reference, repo
 def update_and_register(sim: Simulation, store: StudyStore, model, production: dict[str, torch.Tensor], version: int,
                         data, drift, spec: ModelSpec, on_event: ProgressCallback | None, probes: ProbeModels | None):
     """Update the production model by the policy, evaluate it and register it as the new version. One task, not two:
-    each Prefect task run costs its server 20-50 ms of CPU (bench/overhead.py). `production`: a copy of the weights
+    each Prefect task run costs its server 21-57 ms of CPU (bench/results, session 8). `production`: a copy of the weights
     the update starts from, loaded first, so that a retry (after a failed registration, say) trains this update
     again instead of a second one on top of the first try's in-place changes."""
     model.load_state_dict(production)
