@@ -11,22 +11,96 @@ way writes to its own fresh MLflow store. The last line is `sweep_speedup=<in-pr
 from __future__ import annotations
 
 import argparse
+import csv
 import atexit
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import psutil  # a dependency of dask.distributed
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class ProcessCPU:
+    """CPU seconds of this process and its descendants while it runs, by role (sampled every 0.5 s, so a process that
+    ends loses at most its last half second): where a sweep's cores go besides its workers' training."""
+
+    def __init__(self) -> None:
+        self._start: dict[int, float] = {}
+        self._last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _role(process: psutil.Process) -> str:
+        if process.pid == os.getpid():
+            return "flow process (Prefect flow, Dask scheduler, live view)"
+        line = " ".join(process.cmdline())
+        if "uvicorn" in line or "prefect.server" in line:
+            return "Prefect server"
+        if "multiprocessing" in line or "dask" in line or "distributed" in line:
+            return "Dask workers (and nannies)"
+        return "other"
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        for process in [me, *me.children(recursive=True)]:
+            try:
+                with process.oneshot():
+                    times = process.cpu_times()
+                    self._last[process.pid] = (self._role(process), times.user + times.system)
+            except psutil.Error:
+                continue
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self._sample()
+
+    def __enter__(self) -> "ProcessCPU":
+        self._sample()
+        self._start = {pid: cpu for pid, (_, cpu) in self._last.items()}
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def by_role(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for pid, (role, cpu) in self._last.items():
+            totals[role] = totals.get(role, 0.0) + cpu - self._start.get(pid, 0.0)
+        return totals
+
+
+def print_cpu(way: str, cpu: ProcessCPU, seconds: float) -> None:
+    cores = len(os.sched_getaffinity(0))
+    for role, used in sorted(cpu.by_role().items(), key=lambda item: -item[1]):
+        print(f"  {way} CPU: {role}: {used:.1f} s ({used / (seconds * cores):.0%} of {cores} cores)", flush=True)
+
+
+def update_seconds(results: Path) -> float:
+    """Training + evaluation seconds of every update (versions 1+) of every timeline under `results`, as the core
+    timed them: the same work in each way, so their ratio is what torch's threads give one process."""
+    total = 0.0
+    for path in results.glob("**/timeline.csv"):
+        with path.open() as f:
+            total += sum(float(r["train_seconds"]) + float(r["eval_seconds"]) for r in csv.DictReader(f) if int(r["update"]) > 0)
+    return total
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", default=str(ROOT / "bench" / "sweep.yaml"))
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--seeds", type=int, default=None, help="override the sweep file's seeds (a quicker look)")
     parser.add_argument("--skip-cli", action="store_true", help="leave out the slowest way (the CLI commands)")
     args = parser.parse_args()
 
@@ -44,7 +118,7 @@ def main() -> None:
     from permanence.adapters.prefect_api import local_flow_settings, shared_api
     from permanence.sweep import load_sweep, m0_key
 
-    sweep = load_sweep(args.sweep)
+    sweep = load_sweep(args.sweep, seeds=args.seeds)
     cells = [t for t in sweep.timelines]
     print(f"# {len(cells)} timelines, {len({m0_key(t.config) for t in cells})} distinct M0s, {args.workers} workers; "
           f"cells from {args.sweep}", flush=True)
@@ -54,18 +128,22 @@ def main() -> None:
 
     with shared_api(), local_flow_settings():  # as `permanence sweep` / `simulate` run their flows
         t0 = time.perf_counter()
-        summary = sweep_flow.policy_sweep.with_options(task_runner=sweep_flow.task_runner(args.workers, None))(
-            sweep, store_dir=stores["sweep"] / "mlruns", results_dir=stores["sweep"] / "results")
+        with ProcessCPU() as cpu:
+            summary = sweep_flow.policy_sweep.with_options(task_runner=sweep_flow.task_runner(args.workers, None))(
+                sweep, store_dir=stores["sweep"] / "mlruns", results_dir=stores["sweep"] / "results")
         swept = time.perf_counter() - t0
         assert not summary["failures"], summary["failures"]
         print(f"sweep ({args.workers} workers, shared M0s): {swept:.1f} s", flush=True)
+        print_cpu("sweep", cpu, swept)
 
         t0 = time.perf_counter()
-        for timeline in cells:
-            retrain.retraining_pipeline(timeline.config, results_dir=stores["sequential"] / "results",
-                                        store_dir=stores["sequential"] / "mlruns")
+        with ProcessCPU() as cpu:
+            for timeline in cells:
+                retrain.retraining_pipeline(timeline.config, results_dir=stores["sequential"] / "results",
+                                            store_dir=stores["sequential"] / "mlruns")
         sequential = time.perf_counter() - t0
         print(f"same pipeline, one cell after another in this process: {sequential:.1f} s", flush=True)
+        print_cpu("sequential", cpu, sequential)
 
     if not args.skip_cli:
         t0 = time.perf_counter()
@@ -77,6 +155,12 @@ def main() -> None:
         cli = time.perf_counter() - t0
         print(f"permanence simulate, one command after another: {cli:.1f} s", flush=True)
         print(f"sweep_speedup_vs_cli={cli / swept:.3f}")
+    import torch
+
+    in_workers, in_process = update_seconds(stores["sweep"] / "results"), update_seconds(stores["sequential"] / "results")
+    print(f"updates' core seconds, summed: {in_workers:.1f} in the sweep's workers (1 torch thread each), "
+          f"{in_process:.1f} in one process ({torch.get_num_threads()} threads)", flush=True)
+    print(f"ceiling of the updates' speedup from {args.workers} workers: {args.workers * in_process / in_workers:.2f}")
     print(f"sweep_speedup={sequential / swept:.3f}")
 
 

@@ -25,7 +25,10 @@ from permanence.adapters.comparison import write_comparison
 from permanence.adapters.mlflow_store import StudyLock, config_hash
 from permanence.adapters.sweep_store import SweepStore
 from permanence.adapters.sweep_tasks import SweepProgress, sweep_timeline, train_shared_m0
-from permanence.sweep import Sweep, baseline_key, m0_key
+from permanence.sweep import Sweep, baseline_key, estimated_cost, m0_key
+
+
+TASKS_MODULE = "permanence.adapters.sweep_tasks"
 
 
 def task_runner(workers: int, address: str | None) -> DaskTaskRunner:
@@ -37,8 +40,10 @@ def task_runner(workers: int, address: str | None) -> DaskTaskRunner:
     # and each worker samples its threads' stacks every 10 ms for the dashboard's profile, in Python under the GIL
     # (py-spy on a 6-timeline digits sweep: 15.5 s of the workers' 404.5 s of Python samples); this cluster has no dashboard
     dask.config.set({"distributed.worker.profile.enabled": False})
+    # every worker imports the tasks' module (torch, Prefect, MLflow: seconds of CPU) as it starts, side by side,
+    # not when its first task arrives: otherwise the second worker begins importing only once the first M0 is done
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None})
+                                          "dashboard_address": None, "preload": [TASKS_MODULE]})
 
 
 def _params(sweep: Sweep) -> dict[str, Any]:
@@ -71,7 +76,7 @@ def policy_sweep(sweep: Any, store_dir: Path = Path("mlruns"), results_dir: Path
             return m0s[key]
 
         futures, skipped = {}, 0
-        for timeline in sweep.timelines:
+        for timeline in sorted(sweep.timelines, key=lambda t: -estimated_cost(t.config)):  # costliest first
             config = timeline.config
             if config_hash(config) in finished:
                 skipped += 1
@@ -81,7 +86,9 @@ def policy_sweep(sweep: Any, store_dir: Path = Path("mlruns"), results_dir: Path
             if any(getattr(config.eval, probe) for probe in ("retune", "reactivate", "bec")):
                 clean = config.model_copy(update={"poisoning": config.poisoning.model_copy(update={"inject": "none"})})
                 baseline = shared(clean, baseline_key(config))
-            futures[timeline.study] = sweep_timeline.submit(config, store.uri, timelines_dir, sweep.name, parent, m0, baseline)
+            with dask.annotate(priority=round(estimated_cost(config) * 100)):  # a worker's queue runs them in that order
+                futures[timeline.study] = sweep_timeline.submit(config, store.uri, timelines_dir, sweep.name, parent, m0,
+                                                                baseline)
         failures = _follow(futures, m0s, skipped, on_progress)
         results, missing = store.results(sweep.spec()["timelines"])
         files = write_comparison(results_dir / sweep.name, sweep.name, sweep.axes, sweep.compare, sweep.heatmap, results)

@@ -137,7 +137,7 @@ def external_cluster(tmp_path_factory):
                                "--no-dashboard"], env=env, stdout=log, stderr=log, start_new_session=True)]
     for _ in range(2):
         procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--no-dashboard",
-                                       "--memory-limit", "4GiB"], env=env, cwd=tmp, stdout=log, stderr=log,
+                                       "--memory-limit", "4GiB", "--preload", "permanence.adapters.sweep_tasks"], env=env, cwd=tmp, stdout=log, stderr=log,
                                       start_new_session=True))
     from distributed import Client
 
@@ -287,15 +287,16 @@ if __name__ == "__main__":
     runner = load_flow("sweep").task_runner(1, None)
     with LocalCluster(**runner.cluster_kwargs) as cluster, Client(cluster) as client:
         seen = client.run(lambda: (__import__("dask").config.get("distributed.worker.profile.enabled"),
-                                   os.environ.get("MALLOC_TRIM_THRESHOLD_")))
+                                   os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+                                   "permanence.adapters.sweep_tasks" in __import__("sys").modules))
     print(json.dumps(list(seen.values())))
 """
 
 
-def test_the_local_clusters_workers_run_without_dasks_profiler_and_malloc_trim(tmp_path):
+def test_the_local_clusters_workers_run_without_dasks_profiler_and_malloc_trim_with_the_tasks_imported(tmp_path):
     script = tmp_path / "workers.py"
     script.write_text(LOCAL_WORKERS)
     env = {k: v for k, v in _env(tmp_path).items() if k != "MALLOC_TRIM_THRESHOLD_"}  # Dask's nanny would add it
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == [[False, None]]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [[False, None, True]]

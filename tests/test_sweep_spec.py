@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from permanence.cli import app
 from permanence.errors import PermanenceError
 from permanence.policies import POLICIES
-from permanence.sweep import baseline_key, load_sweep, m0_key
+from permanence.sweep import baseline_key, estimated_cost, load_sweep, m0_key
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BASE = ["update.updates=2", "train.epochs=2", "update.epochs=1", "data.limit=400", "data.test_limit=100"]
@@ -150,3 +150,21 @@ def test_comparison_tables_from_results():
     assert table["finetune"]["seeds"] == 2 and table["finetune"]["final_asr_mean"] == pytest.approx(0.7)
     assert table["finetune"]["final_asr_std"] == pytest.approx(0.1)
     assert table["stlr"]["survivability_mean"] == 0
+
+
+def test_costliest_timelines_are_estimated_first_by_the_policies_registered_cost(tmp_path):
+    path = _write(tmp_path, """
+name: order
+config: CONFIG
+grid:
+  update.policy: [static, finetune, ft_sam, retrain]
+  update.epochs: [1, 3]
+seeds: 1
+control: false
+""")
+    cost = {(t.values["update.policy"], t.values["update.epochs"]): estimated_cost(t.config) for t in load_sweep(path).timelines}
+    assert cost[("static", 3)] == 0.0
+    assert cost[("finetune", 1)] < cost[("finetune", 3)] < cost[("ft_sam", 3)] < cost[("retrain", 3)]
+    assert POLICIES.hint("finetune", "cost", 1.0) == 1.0  # registered without a cost: the default
+    with pytest.raises(PermanenceError, match="unknown policy 'nope'"):
+        POLICIES.hint("nope", "cost", 1.0)

@@ -300,3 +300,11 @@ def baseline_key(config: Config) -> str:
     raw = config.model_dump(mode="json")
     raw["poisoning"] = {**raw["poisoning"], "inject": "none"}
     return m0_key(Config.model_validate(raw))
+
+
+def estimated_cost(config: Config) -> float:
+    """A timeline's update work relative to other timelines of its sweep: updates x epochs x the policy's registered
+    cost. A sweep starts its costliest timelines first (longest processing time first) so that no worker is left with
+    an ft_sam or a retrain timeline while the others idle; it orders the work and never changes what runs."""
+    update = config.update
+    return update.updates * update.epochs * POLICIES.hint(update.policy, "cost", 1.0)

@@ -1,6 +1,8 @@
 """Update policies: how a deployed model is refreshed on each update's data. One module each.
 
-A policy is a callable (model, data, ctx) -> model. `static` returns the model untouched.
+A policy is a callable (model, data, ctx) -> model. `static` returns the model untouched. Its registration may give
+its `cost`: the seconds of one update relative to `finetune`'s (1, the default), as `bench/policies.py` measured
+them on digits (bench/results/policies_cost_digits.log); a sweep starts its costliest timelines first by it.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def ewc_penalty(model: Classifier, anchor: Weights, fisher: Weights, weight: flo
     return weight / 2 * torch.stack(terms).sum()
 
 
-@POLICIES.register("ewc")
+@POLICIES.register("ewc", cost=1.9)
 def ewc(model: Classifier, data: TrainingSet, ctx: UpdateContext) -> Classifier:
     cfg = ctx.config.update
     previous = ctx.history()[-2]

@@ -51,7 +51,7 @@ def prune_least_active(model: Classifier, data: TrainingSet, runtime: Runtime, r
     return chosen
 
 
-@POLICIES.register("fine_pruning")
+@POLICIES.register("fine_pruning", cost=1.3)
 def fine_pruning(model: Classifier, data: TrainingSet, ctx: UpdateContext) -> Classifier:
     cfg = ctx.config.update.fine_pruning
     prune_least_active(model, data, ctx.runtime, cfg.ratio, cfg.max_acc_drop)

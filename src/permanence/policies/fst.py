@@ -38,7 +38,7 @@ def project_to_norm(weight: torch.Tensor, norm: torch.Tensor) -> None:
     weight.mul_(norm / weight.norm())
 
 
-@POLICIES.register("fst")
+@POLICIES.register("fst", cost=1.1)
 def fst(model: Classifier, data: TrainingSet, ctx: UpdateContext) -> Classifier:
     cfg = ctx.config.update
     head = model.head

@@ -98,7 +98,7 @@ def sam_step(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], 
     return step
 
 
-@POLICIES.register("ft_sam")
+@POLICIES.register("ft_sam", cost=2.3)
 def ft_sam(model: Classifier, data: TrainingSet, ctx: UpdateContext) -> Classifier:
     cfg = ctx.config.update
     base = sgd(model, cfg.ft_sam.lr, cfg.momentum, cfg.weight_decay)

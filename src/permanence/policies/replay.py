@@ -50,7 +50,7 @@ def replay_set(earlier: Sequence[TrainingSet], capacity: int, seed: int) -> Trai
     return TrainingSet(earlier[-1].version, x, y, poisoned, earlier[-1].drift)
 
 
-@POLICIES.register("replay")
+@POLICIES.register("replay", cost=1.8)
 def replay(model: Classifier, data: TrainingSet, ctx: UpdateContext) -> Classifier:
     buffer = replay_set(ctx.history()[:-1], ctx.config.update.replay.buffer, ctx.config.seed)
     mixed = TrainingSet(data.version, torch.cat([data.x, buffer.x]), torch.cat([data.y, buffer.y]),

@@ -6,7 +6,7 @@ from permanence.policies import POLICIES, TrainingSet, UpdateContext
 from permanence.training import fit_from_scratch
 
 
-@POLICIES.register("retrain")
+@POLICIES.register("retrain", cost=8.3)
 def retrain(model, data: TrainingSet, ctx: UpdateContext):
     seen = ctx.history()
     x = torch.cat([s.x for s in seen])

@@ -3,6 +3,6 @@
 from permanence.policies import POLICIES, TrainingSet, UpdateContext
 
 
-@POLICIES.register("static")
+@POLICIES.register("static", cost=0.0)
 def static(model, data: TrainingSet, ctx: UpdateContext):
     return model

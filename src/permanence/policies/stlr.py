@@ -19,7 +19,7 @@ def slanted_triangular(total_steps: int, cut_frac: float = 0.1, ratio: float = 3
     return multiplier
 
 
-@POLICIES.register("stlr")
+@POLICIES.register("stlr", cost=1.3)
 def stlr(model, data: TrainingSet, ctx: UpdateContext):
     cfg = ctx.config.update
     optimizer = sgd(model, cfg.max_lr, cfg.momentum, cfg.weight_decay)
