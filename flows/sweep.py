@@ -10,13 +10,13 @@ tasks go to an existing scheduler (`dask scheduler` + `dask worker ADDRESS` on a
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from permanence.adapters import env  # noqa: F401  (first: Prefect reads its settings when imported)
 import dask
+from distributed import wait as dask_wait
 from prefect import flow
 from prefect.context import get_run_context
 from prefect_dask import DaskTaskRunner
@@ -75,21 +75,27 @@ def policy_sweep(sweep: Any, store_dir: Path = Path("mlruns"), results_dir: Path
                 m0s[key] = train_shared_m0.submit(config, store.uri, sweep.name, parent, key)
             return m0s[key]
 
-        futures, skipped = {}, 0
-        for timeline in sorted(sweep.timelines, key=lambda t: -estimated_cost(t.config)):  # costliest first
+        # each timeline goes to Dask once the M0s it starts from are trained, costliest first, so that free workers
+        # take the longest timelines first (handed out as the M0's dependents, they would run in arbitrary order)
+        waiting, skipped = [], 0
+        for timeline in sorted(sweep.timelines, key=lambda t: -estimated_cost(t.config)):
             config = timeline.config
             if config_hash(config) in finished:
                 skipped += 1
                 continue
-            m0 = shared(config, m0_key(config))
-            baseline = None
+            needs = [shared(config, m0_key(config))]
             if any(getattr(config.eval, probe) for probe in ("retune", "reactivate", "bec")):
                 clean = config.model_copy(update={"poisoning": config.poisoning.model_copy(update={"inject": "none"})})
-                baseline = shared(clean, baseline_key(config))
+                needs.append(shared(clean, baseline_key(config)))
+            waiting.append((timeline, needs))
+
+        def submit(timeline, shared_models):
+            config = timeline.config
+            m0, baseline = (*shared_models, None)[:2]
             with dask.annotate(priority=round(estimated_cost(config) * 100)):  # a worker's queue runs them in that order
-                futures[timeline.study] = sweep_timeline.submit(config, store.uri, timelines_dir, sweep.name, parent, m0,
-                                                                baseline)
-        failures = _follow(futures, m0s, skipped, on_progress)
+                return sweep_timeline.submit(config, store.uri, timelines_dir, sweep.name, parent, m0, baseline)
+
+        failures = _follow(waiting, submit, m0s, skipped, on_progress)
         results, missing = store.results(sweep.spec()["timelines"])
         files = write_comparison(results_dir / sweep.name, sweep.name, sweep.axes, sweep.compare, sweep.heatmap, results)
         store.finish(parent, "FAILED" if failures or missing else "FINISHED", files)
@@ -97,12 +103,26 @@ def policy_sweep(sweep: Any, store_dir: Path = Path("mlruns"), results_dir: Path
             "files": files, "timelines": len(sweep.timelines), "finished_before": skipped, "failures": failures, "missing": missing}
 
 
-def _follow(futures: dict[str, Any], m0s: dict[str, Any], skipped: int,
+def _follow(waiting: list, submit: Callable, m0s: dict[str, Any], skipped: int,
             on_progress: Callable[[SweepProgress], None] | None) -> dict[str, str]:
-    """Wait for every timeline, reporting done / running / left; returns study -> error for the ones that failed."""
+    """Submit each waiting timeline once its shared models are done and wait for every timeline, reporting done /
+    running / left; returns study -> error for the ones that failed (a failed M0 fails the timelines that need it)."""
     client = get_run_context().task_runner.client
-    pending, failures = dict(futures), {}
+    total = len(waiting)
+    pending, failures = {}, {}
     while True:
+        still_waiting = []
+        for timeline, needs in waiting:
+            if not all(need.wrapped_future.done() for need in needs):
+                still_waiting.append((timeline, needs))
+                continue
+            outcomes = [need.result(raise_on_failure=False) for need in needs]
+            broken = next((o for o in outcomes if isinstance(o, BaseException)), None)
+            if broken is not None:
+                failures[timeline.study] = f"its shared model failed: {type(broken).__name__}: {broken}".splitlines()[0]
+            else:
+                pending[timeline.study] = submit(timeline, outcomes)
+        waiting = still_waiting
         for study, future in list(pending.items()):
             if future.wrapped_future.done():
                 outcome = future.result(raise_on_failure=False)
@@ -113,8 +133,14 @@ def _follow(futures: dict[str, Any], m0s: dict[str, Any], skipped: int,
             processing = {key for keys in client.processing().values() for key in keys}
             running = sum(f.wrapped_future.key in processing for f in pending.values())
             m0_done = sum(f.wrapped_future.done() for f in m0s.values())
-            on_progress(SweepProgress(len(futures) - len(pending) - len(failures) + skipped, running, len(pending),
-                                 len(failures), skipped, m0_done, len(m0s)))
-        if not pending:
+            on_progress(SweepProgress(total - len(waiting) - len(pending) - len(failures) + skipped, running,
+                                      len(pending) + len(waiting), len(failures), skipped, m0_done, len(m0s)))
+        if not pending and not waiting:
             return failures
-        time.sleep(0.5)
+        watched = [f.wrapped_future for f in pending.values()]
+        watched += [need.wrapped_future for _, needs in waiting for need in needs if not need.wrapped_future.done()]
+        try:  # wake as soon as anything finishes, and at least twice a second for the live view
+            with client.as_current():
+                dask_wait(watched, timeout=0.5, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            pass
