@@ -300,3 +300,18 @@ def test_the_local_clusters_workers_run_without_dasks_profiler_and_malloc_trim_w
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [[False, None, True]]
+
+
+def test_timelines_start_costliest_first(tmp_path):
+    """On one local worker the start order is the submission order: ft_sam (cost 2.3), finetune (1), static (0)."""
+    path = tmp_path / "order.yaml"
+    path.write_text(f"name: order\nconfig: {ROOT / 'params.yaml'}\nbase: {json.dumps(CELL)}\n"
+                    "grid:\n  update.policy: [static, finetune, ft_sam]\nseeds: 1\ncontrol: false\n")
+    done = subprocess.run([str(BIN / "permanence"), "sweep", str(path), "--workers", "1", "--results",
+                           str(tmp_path / "results"), "--store", str(tmp_path / "mlruns"), "--no-progress"],
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    client = _client(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("order").experiment_id], "tags.`permanence.role` = 'timeline'")
+    started = [r.data.tags["study"] for r in sorted(runs, key=lambda r: r.info.start_time)]
+    assert started == ["order-ft_sam-s0", "order-finetune-s0", "order-static-s0"], started
