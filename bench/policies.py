@@ -62,9 +62,9 @@ def main() -> None:
         policy_sim = Simulation(cfg, sim.splits)
         seconds[policy] = per_update(policy_sim, policy_sim.load_model(state), range(1, args.updates + 1))
     finetune = seconds["finetune"]
-    print(f"{'policy':14} {'s/update':>9} {'x finetune':>10}")
+    print(f"{'policy':14} {'s/update':>9} {'x finetune':>10} {'registered cost':>16}  (what a sweep orders by)")
     for policy, value in seconds.items():
-        print(f"{policy:14} {value:9.3f} {value / finetune:10.2f}")
+        print(f"{policy:14} {value:9.3f} {value / finetune:10.2f} {POLICIES.hint(policy, 'cost', 1.0):16.2f}")
 
     probe_cfg = base.model_copy(update={"eval": base.eval.model_copy(update={p: True for p in PROBES.names()})})
     probe_sim = Simulation(probe_cfg, sim.splits)
