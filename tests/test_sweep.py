@@ -3,6 +3,7 @@ one fresh MLflow store, a sweep killed with SIGKILL and resumed, and the compari
 
 import csv
 import json
+import math
 import os
 import signal
 import socket
@@ -315,3 +316,21 @@ def test_timelines_start_costliest_first(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("order").experiment_id], "tags.`permanence.role` = 'timeline'")
     started = [r.data.tags["study"] for r in sorted(runs, key=lambda r: r.info.start_time)]
     assert started == ["order-ft_sam-s0", "order-finetune-s0", "order-static-s0"], started
+
+
+def test_a_sweep_with_probes_shares_the_never_poisoned_baseline(tmp_path):
+    """The dormancy probes' baseline is a shared model too: each timeline is submitted once both it and M0 exist."""
+    path = tmp_path / "probed.yaml"
+    cell = CELL + ["eval.bec=true", "eval.probe_images=50"]
+    path.write_text(f"name: probed\nconfig: {ROOT / 'params.yaml'}\nbase: {json.dumps(cell)}\n"
+                    "grid:\n  update.policy: [finetune, static]\nseeds: 1\ncontrol: false\n")
+    done = subprocess.run([str(BIN / "permanence"), "sweep", str(path), "--workers", "1", "--results",
+                           str(tmp_path / "results"), "--store", str(tmp_path / "mlruns"), "--no-progress"],
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    client = _client(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("probed").experiment_id])
+    roles = sorted(r.data.tags.get("permanence.role", "") for r in runs if r.info.status == "FINISHED")
+    assert roles == ["m0", "m0", "sweep", "timeline", "timeline"], roles  # M0 and its clean baseline, once each
+    rows = list(csv.DictReader((tmp_path / "results" / "probed" / "cells.csv").open()))
+    assert len(rows) == 2 and all(math.isfinite(float(r["bec_final"])) for r in rows), rows
