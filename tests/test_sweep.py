@@ -332,5 +332,8 @@ def test_a_sweep_with_probes_shares_the_never_poisoned_baseline(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("probed").experiment_id])
     roles = sorted(r.data.tags.get("permanence.role", "") for r in runs if r.info.status == "FINISHED")
     assert roles == ["m0", "m0", "sweep", "timeline", "timeline"], roles  # M0 and its clean baseline, once each
+    for run in runs:
+        if run.data.tags.get("permanence.role") == "timeline":  # loaded the shared baseline, did not train its own
+            assert "baseline" not in {a.path for a in client.list_artifacts(run.info.run_id)}
     rows = list(csv.DictReader((tmp_path / "results" / "probed" / "cells.csv").open()))
     assert len(rows) == 2 and all(math.isfinite(float(r["bec_final"])) for r in rows), rows
