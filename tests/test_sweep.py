@@ -303,33 +303,31 @@ def test_the_local_clusters_workers_run_without_dasks_profiler_and_malloc_trim_w
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [[False, None, True]]
 
 
+def _one_worker_sweep(tmp: Path, name: str, cell: list[str], policies: list[str]):
+    """A one-seed sweep of `policies` on a local cluster of one worker; returns its runs and the MLflow client."""
+    path = tmp / f"{name}.yaml"
+    path.write_text(f"name: {name}\nconfig: {ROOT / 'params.yaml'}\nbase: {json.dumps(cell)}\n"
+                    f"grid:\n  update.policy: {json.dumps(policies)}\nseeds: 1\ncontrol: false\n")
+    done = subprocess.run([str(BIN / "permanence"), "sweep", str(path), "--workers", "1", "--results",
+                           str(tmp / "results"), "--store", str(tmp / "mlruns"), "--no-progress"],
+                          cwd=tmp, env=_env(tmp), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    client = _client(tmp)
+    return client.search_runs([client.get_experiment_by_name(name).experiment_id]), client
+
+
 def test_timelines_start_costliest_first(tmp_path):
     """On one local worker the start order is the submission order: ft_sam (cost 2.3), finetune (1), static (0)."""
-    path = tmp_path / "order.yaml"
-    path.write_text(f"name: order\nconfig: {ROOT / 'params.yaml'}\nbase: {json.dumps(CELL)}\n"
-                    "grid:\n  update.policy: [static, finetune, ft_sam]\nseeds: 1\ncontrol: false\n")
-    done = subprocess.run([str(BIN / "permanence"), "sweep", str(path), "--workers", "1", "--results",
-                           str(tmp_path / "results"), "--store", str(tmp_path / "mlruns"), "--no-progress"],
-                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    client = _client(tmp_path)
-    runs = client.search_runs([client.get_experiment_by_name("order").experiment_id], "tags.`permanence.role` = 'timeline'")
-    started = [r.data.tags["study"] for r in sorted(runs, key=lambda r: r.info.start_time)]
+    runs, _ = _one_worker_sweep(tmp_path, "order", CELL, ["static", "finetune", "ft_sam"])
+    timelines = [r for r in runs if r.data.tags.get("permanence.role") == "timeline"]
+    started = [r.data.tags["study"] for r in sorted(timelines, key=lambda r: r.info.start_time)]
     assert started == ["order-ft_sam-s0", "order-finetune-s0", "order-static-s0"], started
 
 
 def test_a_sweep_with_probes_shares_the_never_poisoned_baseline(tmp_path):
     """The dormancy probes' baseline is a shared model too: each timeline is submitted once both it and M0 exist."""
-    path = tmp_path / "probed.yaml"
-    cell = CELL + ["eval.bec=true", "eval.probe_images=50"]
-    path.write_text(f"name: probed\nconfig: {ROOT / 'params.yaml'}\nbase: {json.dumps(cell)}\n"
-                    "grid:\n  update.policy: [finetune, static]\nseeds: 1\ncontrol: false\n")
-    done = subprocess.run([str(BIN / "permanence"), "sweep", str(path), "--workers", "1", "--results",
-                           str(tmp_path / "results"), "--store", str(tmp_path / "mlruns"), "--no-progress"],
-                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    client = _client(tmp_path)
-    runs = client.search_runs([client.get_experiment_by_name("probed").experiment_id])
+    runs, client = _one_worker_sweep(tmp_path, "probed", CELL + ["eval.bec=true", "eval.probe_images=50"],
+                                     ["finetune", "static"])
     roles = sorted(r.data.tags.get("permanence.role", "") for r in runs if r.info.status == "FINISHED")
     assert roles == ["m0", "m0", "sweep", "timeline", "timeline"], roles  # M0 and its clean baseline, once each
     for run in runs:
