@@ -11,7 +11,6 @@ way writes to its own fresh MLflow store. The last line is `sweep_speedup=<in-pr
 from __future__ import annotations
 
 import argparse
-import csv
 import atexit
 import os
 import shutil
@@ -89,11 +88,10 @@ def print_cpu(way: str, cpu: ProcessCPU, seconds: float) -> None:
 def update_seconds(results: Path) -> float:
     """Training + evaluation seconds of every update (versions 1+) of every timeline under `results`, as the core
     timed them: the same work in each way, so their ratio is what torch's threads give one process."""
-    total = 0.0
-    for path in results.glob("**/timeline.csv"):
-        with path.open() as f:
-            total += sum(float(r["train_seconds"]) + float(r["eval_seconds"]) for r in csv.DictReader(f) if int(r["update"]) > 0)
-    return total
+    from permanence.adapters.outputs import read_timeline_csv
+
+    return sum(float(row["train_seconds"]) + float(row["eval_seconds"])
+               for path in results.glob("**/timeline.csv") for row in read_timeline_csv(path) if int(row["update"]) > 0)
 
 
 def main() -> None:
@@ -117,6 +115,7 @@ def main() -> None:
     from permanence.adapters.mlflow_store import open_client, tracking_uri
     from permanence.adapters.prefect_api import local_flow_settings, shared_api
     from permanence.sweep import load_sweep, m0_key
+    import torch
 
     sweep = load_sweep(args.sweep, seeds=args.seeds)
     cells = [t for t in sweep.timelines]
@@ -155,8 +154,6 @@ def main() -> None:
         cli = time.perf_counter() - t0
         print(f"permanence simulate, one command after another: {cli:.1f} s", flush=True)
         print(f"sweep_speedup_vs_cli={cli / swept:.3f}")
-    import torch
-
     in_workers, in_process = update_seconds(stores["sweep"] / "results"), update_seconds(stores["sequential"] / "results")
     print(f"updates' core seconds, summed: {in_workers:.1f} in the sweep's workers (1 torch thread each), "
           f"{in_process:.1f} in one process ({torch.get_num_threads()} threads)", flush=True)

@@ -24,11 +24,9 @@ from prefect_dask import DaskTaskRunner
 from permanence.adapters.comparison import write_comparison
 from permanence.adapters.mlflow_store import StudyLock, config_hash
 from permanence.adapters.sweep_store import SweepStore
+from permanence.adapters import sweep_tasks
 from permanence.adapters.sweep_tasks import SweepProgress, sweep_timeline, train_shared_m0
 from permanence.sweep import Sweep, baseline_key, estimated_cost, m0_key
-
-
-TASKS_MODULE = "permanence.adapters.sweep_tasks"
 
 
 def task_runner(workers: int, address: str | None) -> DaskTaskRunner:
@@ -43,7 +41,7 @@ def task_runner(workers: int, address: str | None) -> DaskTaskRunner:
     # every worker imports the tasks' module (torch, Prefect, MLflow: seconds of CPU) as it starts, side by side,
     # not when its first task arrives: otherwise the second worker begins importing only once the first M0 is done
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None, "preload": [TASKS_MODULE]})
+                                          "dashboard_address": None, "preload": [sweep_tasks.__name__]})
 
 
 def _params(sweep: Sweep) -> dict[str, Any]:
@@ -78,22 +76,21 @@ def policy_sweep(sweep: Any, store_dir: Path = Path("mlruns"), results_dir: Path
         # each timeline goes to Dask once the M0s it starts from are trained, costliest first, so that free workers
         # take the longest timelines first (handed out as the M0's dependents, they would run in arbitrary order)
         waiting, skipped = [], 0
-        for timeline in sorted(sweep.timelines, key=lambda t: -estimated_cost(t.config)):
+        for cost, timeline in sorted(((estimated_cost(t.config), t) for t in sweep.timelines), key=lambda ct: -ct[0]):
             config = timeline.config
             if config_hash(config) in finished:
                 skipped += 1
                 continue
-            needs = [shared(config, m0_key(config))]
+            needs = {"m0": shared(config, m0_key(config))}
             if any(getattr(config.eval, probe) for probe in ("retune", "reactivate", "bec")):
                 clean = config.model_copy(update={"poisoning": config.poisoning.model_copy(update={"inject": "none"})})
-                needs.append(shared(clean, baseline_key(config)))
-            waiting.append((timeline, needs))
+                needs["baseline"] = shared(clean, baseline_key(config))
+            waiting.append((timeline, cost, needs))
 
-        def submit(timeline, shared_models):
-            config = timeline.config
-            m0, baseline = (*shared_models, None)[:2]
-            with dask.annotate(priority=round(estimated_cost(config) * 100)):  # a worker's queue runs them in that order
-                return sweep_timeline.submit(config, store.uri, timelines_dir, sweep.name, parent, m0, baseline)
+        def submit(timeline, cost: float, models: dict[str, Any]):
+            with dask.annotate(priority=round(cost * 100)):  # a worker's queue runs them in that order
+                return sweep_timeline.submit(timeline.config, store.uri, timelines_dir, sweep.name, parent,
+                                             models["m0"], models.get("baseline"))
 
         failures = _follow(waiting, submit, m0s, skipped, on_progress)
         results, missing = store.results(sweep.spec()["timelines"])
@@ -103,7 +100,7 @@ def policy_sweep(sweep: Any, store_dir: Path = Path("mlruns"), results_dir: Path
             "files": files, "timelines": len(sweep.timelines), "finished_before": skipped, "failures": failures, "missing": missing}
 
 
-def _follow(waiting: list, submit: Callable, m0s: dict[str, Any], skipped: int,
+def _follow(waiting: list[tuple[Any, float, dict[str, Any]]], submit: Callable, m0s: dict[str, Any], skipped: int,
             on_progress: Callable[[SweepProgress], None] | None) -> dict[str, str]:
     """Submit each waiting timeline once its shared models are done and wait for every timeline, reporting done /
     running / left; returns study -> error for the ones that failed (a failed M0 fails the timelines that need it)."""
@@ -112,16 +109,16 @@ def _follow(waiting: list, submit: Callable, m0s: dict[str, Any], skipped: int,
     pending, failures = {}, {}
     while True:
         still_waiting = []
-        for timeline, needs in waiting:
-            if not all(need.wrapped_future.done() for need in needs):
-                still_waiting.append((timeline, needs))
+        for timeline, cost, needs in waiting:
+            if not all(need.wrapped_future.done() for need in needs.values()):
+                still_waiting.append((timeline, cost, needs))
                 continue
-            outcomes = [need.result(raise_on_failure=False) for need in needs]
-            broken = next((o for o in outcomes if isinstance(o, BaseException)), None)
+            models = {name: need.result(raise_on_failure=False) for name, need in needs.items()}
+            broken = next((m for m in models.values() if isinstance(m, BaseException)), None)
             if broken is not None:
                 failures[timeline.study] = f"its shared model failed: {type(broken).__name__}: {broken}".splitlines()[0]
             else:
-                pending[timeline.study] = submit(timeline, outcomes)
+                pending[timeline.study] = submit(timeline, cost, models)
         waiting = still_waiting
         for study, future in list(pending.items()):
             if future.wrapped_future.done():
@@ -137,10 +134,10 @@ def _follow(waiting: list, submit: Callable, m0s: dict[str, Any], skipped: int,
                                       len(pending) + len(waiting), len(failures), skipped, m0_done, len(m0s)))
         if not pending and not waiting:
             return failures
-        watched = [f.wrapped_future for f in pending.values()]
-        watched += [need.wrapped_future for _, needs in waiting for need in needs if not need.wrapped_future.done()]
+        watched = {f.wrapped_future for f in pending.values()}  # a set: many timelines wait for one M0
+        watched |= {need.wrapped_future for *_, needs in waiting for need in needs.values() if not need.wrapped_future.done()}
         try:  # wake as soon as anything finishes, and at least twice a second for the live view
             with client.as_current():
-                dask_wait(watched, timeout=0.5, return_when="FIRST_COMPLETED")
+                dask_wait(list(watched), timeout=0.5, return_when="FIRST_COMPLETED")
         except TimeoutError:
             pass

@@ -138,8 +138,8 @@ def external_cluster(tmp_path_factory):
                                "--no-dashboard"], env=env, stdout=log, stderr=log, start_new_session=True)]
     for _ in range(2):
         procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--no-dashboard",
-                                       "--memory-limit", "4GiB", "--preload", "permanence.adapters.sweep_tasks"], env=env, cwd=tmp, stdout=log, stderr=log,
-                                      start_new_session=True))
+                                       "--memory-limit", "4GiB", "--preload", "permanence.adapters.sweep_tasks"],
+                                      env=env, cwd=tmp, stdout=log, stderr=log, start_new_session=True))
     from distributed import Client
 
     deadline = time.time() + 180
