@@ -12,7 +12,8 @@ on both sides. The flow's pieces are timed from outside (each Prefect task as ca
 each MLflow client call, the MLflow Model writing, Evidently's report, the output files) and printed per model
 version, with the CPU time this process and its children (Prefect's server) spent during the flow beside what they
 spent during the core alone: on a 2-core machine the server's CPU is taken from the core's torch threads.
-The last line is `overhead_ratio=<full/core>`.
+The flow runs `--repeats` times (default 3), each between two runs of the core. The last line is
+`overhead_ratio=<median full / median core>`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import atexit
 import functools
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections import defaultdict
@@ -52,14 +54,16 @@ def instrument(flows) -> None:
 
     from permanence.adapters import drift_check, mlflow_store, pipeline
 
-    for name in ("train_initial_model", "load_registered", "ingest_and_check_drift", "update_and_register",
-                 "keep_production", "register", "record_skip", "baseline_model", "start_from_shared"):
+    for name in ("train_initial_model", "load_registered", "scheduled_update", "register", "baseline_model",
+                 "start_from_shared"):
         task = getattr(pipeline, name)
-        # register's function also runs inside update_and_register (one task per update): counted on its own line
-        inside = "registry write (register, as a task or inside update_and_register)" if name == "register" else \
+        # register's function also runs inside scheduled_update (one task per update): counted on its own line
+        inside = "registry write (register, as a task or inside scheduled_update)" if name == "register" else \
             f"task {name}: inside"
         task.fn = timed(inside, task.fn)
         setattr(pipeline, name, timed(f"task {name}: as called", task))
+    for name in ("ingest_and_check_drift", "keep_production"):  # the steps inside scheduled_update
+        setattr(pipeline, name, timed(f"{name} (inside scheduled_update)", getattr(pipeline, name)))
     for name in ("log_batch", "log_artifacts", "log_artifact", "create_model_version", "set_registered_model_alias",
                  "get_run", "search_runs", "search_model_versions", "create_run", "set_terminated", "update_run",
                  "get_metric_history", "get_registered_model", "create_registered_model", "set_tag"):
@@ -97,6 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", help="folder holding MNIST/raw; without it the embedded digits")
     parser.add_argument("--set", action="append", default=[], help="extra key=value overrides")
+    parser.add_argument("--repeats", type=int, default=3, help="flow runs, each between two runs of the core")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="permanence-overhead-"))
@@ -126,8 +131,8 @@ def main() -> None:
     data = ["data.name=digits"]
     if args.data_root:
         data = ["data.name=mnist", f"data.root={args.data_root}", "data.limit=6000", "data.test_limit=1000"]
-    config = build_config({}, data + ["study=overhead", "train.epochs=8", "update.updates=8", "update.epochs=5",
-                                      "runtime.threads=2", *args.set])
+    overrides = data + ["train.epochs=8", "update.updates=8", "update.epochs=5", "runtime.threads=2", *args.set]
+    config = build_config({}, ["study=overhead", *overrides])
     StudyStore(build_config({}, ["study=warmup"]), workdir / "mlruns")  # creates the database once
     created = time.perf_counter()
     print(f"# start-up, not counted: imports {imported - started:.1f} s, Prefect server {served - imported:.1f} s, "
@@ -143,23 +148,33 @@ def main() -> None:
               f"asr {timeline.records[-1].asr:.3f})", flush=True)
         return seconds, timeline
 
-    # The core runs before and after the flow, so warm-up effects (file cache, first kernels) do not
-    # favour whichever side runs second; the ratio divides by the mean of the two.
-    (before, timeline), cpu_core = cpu_used(lambda: core_alone("before the flow"))
+    # The flow runs `--repeats` times, each between two runs of the core, so that neither side is favoured by
+    # warm-up (file cache, first kernels) or by a quiet or busy moment of the machine; the ratio divides the
+    # medians. Each flow run is a new study (a re-run of one study would resume it and skip the work).
+    (seconds, timeline), cpu_core = cpu_used(lambda: core_alone("first"))
+    cores, fulls, cpu_flow, versions, core_in_flow = [seconds], [], defaultdict(float), 0, 0.0
     instrument(flows)
-    t0 = time.perf_counter()
-    with local_flow_settings():  # as `permanence simulate` runs it
-        summary, cpu_flow = cpu_used(lambda: flows.retraining_pipeline(config, results_dir=workdir / "results",
-                                                                       store_dir=workdir / "mlruns"))
-    full = time.perf_counter() - t0
-    same = summary["clean_acc_final"] == timeline.records[-1].clean_acc and summary["asr_final"] == timeline.records[-1].asr
-    print(f"full flow: {full:.1f} s (same final metrics as the core: {same})", flush=True)
-    after, _ = core_alone("after the flow")
-    core = (before + after) / 2
-    versions = summary["versions"]
-    core_in_flow = summary["train_seconds"] + summary["eval_seconds"]
-    print(f"# per model version ({versions} versions): flow {1000 * full / versions:.0f} ms, core inside the flow "
-          f"(train + eval) {1000 * core_in_flow / versions:.0f} ms, core alone {1000 * core / versions:.0f} ms")
+    for repeat in range(args.repeats):
+        study = build_config({}, [f"study=overhead-{repeat}", *overrides])
+        t0 = time.perf_counter()
+        with local_flow_settings():  # as `permanence simulate` runs it
+            summary, cpu = cpu_used(lambda: flows.retraining_pipeline(study, results_dir=workdir / "results",
+                                                                      store_dir=workdir / "mlruns"))
+        fulls.append(time.perf_counter() - t0)
+        same = summary["clean_acc_final"] == timeline.records[-1].clean_acc and summary["asr_final"] == timeline.records[-1].asr
+        print(f"full flow {repeat + 1}: {fulls[-1]:.1f} s (same final metrics as the core: {same})", flush=True)
+        cores.append(core_alone(f"after flow {repeat + 1}")[0])
+        for label, used in cpu.items():
+            cpu_flow[label] += used
+        versions += summary["versions"]
+        core_in_flow += summary["train_seconds"] + summary["eval_seconds"]
+    core, full = statistics.median(cores), statistics.median(fulls)
+    per_run = versions / args.repeats
+    print(f"# pairs: {', '.join(f'{f / ((a + b) / 2):.3f}' for f, a, b in zip(fulls, cores, cores[1:]))} "
+          f"(each flow over the mean of the core runs beside it)")
+    print(f"# per model version ({versions} versions in {args.repeats} flow runs): flow {1000 * sum(fulls) / versions:.0f} ms, "
+          f"core inside the flow (train + eval) {1000 * core_in_flow / versions:.0f} ms, "
+          f"core alone {1000 * sum(cores) / len(cores) / per_run:.0f} ms")
     print(f"{'component':52} {'ms/version':>10} {'calls':>6} {'thread CPU ms/version':>22}")
     for label in sorted(SPENT, key=lambda k: -SPENT[k]):
         print(f"{label:52} {1000 * SPENT[label] / versions:10.1f} {CALLS[label]:6d} "
@@ -167,12 +182,12 @@ def main() -> None:
     outer = sum(v for k, v in SPENT.items() if k.endswith("as called"))
     inner = sum(v for k, v in SPENT.items() if k.endswith("inside")) + SPENT["task register: as called"]
     print(f"{'Prefect task machinery (as called - inside)':52} {1000 * (outer - inner) / versions:10.1f}")
-    print(f"{'outside the tasks (run open/close, resume, files)':52} {1000 * (full - outer) / versions:10.1f}")
+    print(f"{'outside the tasks (run open/close, resume, files)':52} {1000 * (sum(fulls) - outer) / versions:10.1f}")
     inside_flow = SPENT["run_timeline (all but the flow's own start and end)"] + SPENT["StudyStore() (client, lock, experiment)"]
-    print(f"{'the Prefect flow run itself (start, parameters, end)':52} {1000 * (full - inside_flow) / versions:10.1f}")
+    print(f"{'the Prefect flow run itself (start, parameters, end)':52} {1000 * (sum(fulls) - inside_flow) / versions:10.1f}")
     # CPU time, not wall time: what competes with the core's two torch threads on the same cores
     for label, seconds in cpu_flow.items():
-        print(f"{label:52} {1000 * seconds / versions:10.1f}   (core alone: {1000 * cpu_core[label] / versions:.1f})")
+        print(f"{label:52} {1000 * seconds / versions:10.1f}   (core alone: {1000 * cpu_core[label] / per_run:.1f})")
     print(f"overhead_ratio={full / core:.3f}")
 
 

@@ -111,6 +111,28 @@ def test_zero_drift_control_is_not_flagged(flows, tmp_path):
     assert all(float(r["drift_score"]) < config.tracking.drift_threshold for r in rows[1:])
 
 
+def test_each_scheduled_update_is_one_prefect_task_run(flows, tmp_path):
+    """What the Prefect UI shows of a flow run: M0's training and registration, then one task run per update."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    config = build_config({}, TINY + ["study=tasks", "update.updates=2"])
+    flows.retraining_pipeline(config, results_dir=tmp_path / "results", store_dir=tmp_path / "mlruns")
+    with get_client(sync_client=True) as client:
+        run = next(r for r in client.read_flow_runs() if r.parameters["config"]["study"] == "tasks")
+        for _ in range(50):  # task runs reach the server as events, a moment after the flow returns
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+            if len(tasks) >= 4 and all(t.state and t.state.is_completed() for t in tasks):
+                break
+            time.sleep(0.2)
+    names = sorted(t.name for t in tasks)
+    assert [n for n in names if n.startswith("update-")] == ["update-1", "update-2"]
+    assert sorted(n.rsplit("-", 1)[0] for n in names if not n.startswith("update-")) == ["register", "train_initial_model"]
+    assert all(t.state.is_completed() for t in tasks)
+
+
 def test_rerun_of_a_finished_study_starts_a_new_run_and_keeps_the_old_versions(flows, study):
     config, summary, workdir = study
     again = flows.retraining_pipeline(config, results_dir=workdir / "results", store_dir=workdir / "mlruns")

@@ -66,11 +66,9 @@ def load_registered(store: StudyStore, registry_version: str, update: int, sim: 
     return sim.load_model(store.load_version(registry_version))
 
 
-@task(**RETRIES)
 def ingest_and_check_drift(sim: Simulation, model, version: int, reference, report_dir: Path | None):
     """This update's incoming data, drifted and poisoned where the schedule says, and (with `tracking.drift_check`)
-    Evidently's check of it against the `reference` images, on the production model's embeddings. One task,
-    not two: each Prefect task run costs its server 21-57 ms of CPU, taken from training on a 2-core machine."""
+    Evidently's check of it against the `reference` images, on the production model's embeddings."""
     incoming = sim.training_set(version)
     cfg = sim.config.tracking
     if not cfg.drift_check:
@@ -82,23 +80,34 @@ def ingest_and_check_drift(sim: Simulation, model, version: int, reference, repo
     return incoming, drift
 
 
-@task(**RETRIES)
-def update_and_register(sim: Simulation, store: StudyStore, model, production: dict[str, torch.Tensor], version: int,
-                        data, drift, spec: ModelSpec, on_event: ProgressCallback | None, probes: ProbeModels | None):
-    """Update the production model by the policy, evaluate it and register it as the new version. One task, not two:
-    each Prefect task run costs its server 21-57 ms of CPU (bench/results, session 8). `production`: a copy of the weights
-    the update starts from, loaded first, so that a retry (after a failed registration, say) trains this update
-    again instead of a second one on top of the first try's in-place changes."""
+def keep_production(sim: Simulation, store: StudyStore, model, version: int, data, drift,
+                    probes: ProbeModels | None) -> dict[str, Any]:
+    """A drift-triggered update found no drift: the production version stays, faces this version's data, and the
+    skip is recorded."""
+    record = _record(sim.measure(model, version, data, probes, updated=False), drift)
+    store.record_skip(record)
+    store.log_step(record)
+    return record
+
+
+@task(name="scheduled-update", task_run_name="update-{version}", **RETRIES)
+def scheduled_update(sim: Simulation, store: StudyStore, model, production: dict[str, torch.Tensor], version: int,
+                     reference, report_dir: Path | None, spec: ModelSpec, on_event: ProgressCallback | None,
+                     probes: ProbeModels | None):
+    """One scheduled update as one Prefect task run: ingest and check the incoming data, then update the production
+    model by the policy, evaluate it and register it as the new version (or, drift-triggered with no drift found,
+    keep the production version). Returns the model, the version's record and the registry version (None: kept).
+    One task run, not several: each costs Prefect's server CPU that a 2-core machine takes from training
+    (bench/results: 21-57 ms per task run in session 8). `production`: a copy of the weights the update starts
+    from, taken before the call, so that a retry (after a failed registration, say) trains this update again
+    instead of a second one on top of the first try's in-place changes."""
+    incoming, drift = ingest_and_check_drift(sim, model, version, reference, report_dir)
+    if sim.config.update.trigger == "drift" and not drift.drift_detected:
+        return model, keep_production(sim, store, model, version, incoming, drift, probes), None
     model.load_state_dict(production)
-    model, base = sim.step(model, version, on_event, data, probes=probes)
+    model, base = sim.step(model, version, on_event, incoming, probes=probes)
     record = _record(base, drift)
     return model, record, register.fn(store, record, model, spec)
-
-
-@task(**RETRIES)
-def keep_production(sim: Simulation, model, version: int, data, probes: ProbeModels | None):
-    """A drift-triggered update found no drift: the production version stays and faces this version's data."""
-    return sim.measure(model, version, data, probes, updated=False)
 
 
 @task(**RETRIES)
@@ -109,12 +118,6 @@ def register(store: StudyStore, record: dict[str, Any], model, spec: ModelSpec, 
         version = store.register_version(record, state_on_cpu(model), spec)
     store.log_step({**record, "model_version": version})
     return version
-
-
-@task(**RETRIES)
-def record_skip(store: StudyStore, record: dict[str, Any]) -> None:
-    store.record_skip(record)
-    store.log_step(record)
 
 
 @task(**RETRIES)
@@ -228,15 +231,11 @@ def _versions(sim: Simulation, store: StudyStore, m0: SharedModel | None, shared
             if config.tracking.drift_check:
                 # always: against the clean reference (D0); drift-triggered: against what production last trained on
                 reference = sim.splits.d0_x if config.update.trigger == "always" else sim.training_set(production["version"]).x
-            incoming, drift = ingest_and_check_drift(sim, model, version, reference, report_dir)
-            if config.update.trigger == "drift" and not drift.drift_detected:
-                record = _record(keep_production(sim, model, version, incoming, probes), drift)
-                record_skip(store, record)
+            production_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model, record, registry_version = scheduled_update(sim, store, model, production_weights, version,
+                                                               reference, report_dir, spec, on_event, probes)
+            if registry_version is None:  # kept: production stays the version it was
                 registry_version = production["model_version"]
-            else:
-                production_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                model, record, registry_version = update_and_register(sim, store, model, production_weights, version,
-                                                                      incoming, drift, spec, on_event, probes)
         if probes is not None and record["poisoned"]:
             probes = replace(probes, reference=sim.load_model(state_on_cpu(model)))  # a copy: updates change `model`
         row = {**record, "model_version": registry_version}
