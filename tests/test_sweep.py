@@ -128,7 +128,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def external_cluster(tmp_path_factory):
-    """`dask scheduler` and two `dask worker` processes, as a user starts them."""
+    """`dask scheduler` and two `dask worker` processes, as a user starts them (with a fault for the sweep named
+    `broken` preloaded: tests/dask_fault_preload.py)."""
     tmp = tmp_path_factory.mktemp("cluster")
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
@@ -138,7 +139,8 @@ def external_cluster(tmp_path_factory):
                                "--no-dashboard"], env=env, stdout=log, stderr=log, start_new_session=True)]
     for _ in range(2):
         procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--no-dashboard",
-                                       "--memory-limit", "4GiB", "--preload", "permanence.adapters.sweep_tasks"],
+                                       "--memory-limit", "4GiB", "--preload", "permanence.adapters.sweep_tasks",
+                                       "--preload", str(Path(__file__).with_name("dask_fault_preload.py"))],
                                       env=env, cwd=tmp, stdout=log, stderr=log, start_new_session=True))
     from distributed import Client
 
@@ -189,6 +191,29 @@ def test_compare_rerenders_the_same_comparison_from_mlflow(swept):
     assert rendered.returncode == 0, rendered.stderr[-2000:]
     for name, data in before.items():
         assert (tmp / "again" / "tiny" / name).read_bytes() == data, name
+
+
+def test_a_failed_shared_m0_fails_only_the_timelines_that_start_from_it(external_cluster, tmp_path):
+    """Seed 1's M0 fails on every try (the workers' preloaded fault): its two timelines are reported failed, in one
+    line each, and register nothing; seed 0's timelines finish; the sweep exits 1 with its parent run FAILED."""
+    path = tmp_path / "broken.yaml"
+    path.write_text(f"name: broken\nconfig: {ROOT / 'params.yaml'}\nbase: {json.dumps(CELL)}\n"
+                    "grid:\n  update.policy: [finetune, static]\nseeds: 2\ncontrol: false\n")
+    done = subprocess.run([str(BIN / "permanence"), "sweep", str(path), "--address", external_cluster, "--results",
+                           str(tmp_path / "results"), "--store", str(tmp_path / "mlruns"), "--no-progress"],
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
+    failed = sorted(line for line in done.stderr.splitlines() if line.startswith("failed:"))
+    reason = "its shared model failed: RuntimeError: injected: this worker cannot train seed 1's M0"
+    assert failed == [f"failed: broken-finetune-s1: {reason}", f"failed: broken-static-s1: {reason}"], done.stderr
+    client = _client(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("broken").experiment_id])
+    finished = sorted(r.data.tags["study"] for r in runs if r.data.tags.get("permanence.role") == "timeline"
+                      and r.info.status == "FINISHED")
+    assert finished == ["broken-finetune-s0", "broken-static-s0"]
+    assert next(r for r in runs if r.data.tags.get("permanence.role") == "sweep").info.status == "FAILED"
+    assert {m.name for m in client.search_registered_models()} == {"broken-finetune-s0", "broken-static-s0"}
+    assert "RUNNING" not in {r.info.status for r in runs}
 
 
 def test_unreachable_address_fails_fast_in_one_line(tmp_path):
