@@ -152,3 +152,13 @@ def test_the_poisoned_update_can_run_another_policy_than_the_study():
     assert not same(mixed.states[2], finetune.states[2])
     with pytest.raises(PermanenceError, match=r"poisoning\.policy: unknown policy 'nope'"):
         build_config({}, ["poisoning.policy=nope"])
+
+
+def test_initial_training_of_exactly_four_one_cycle_steps_runs():
+    """torch's OneCycleLR divides by zero with a quarter warm-up of 4 steps; 2 epochs of a 2-batch D0 are 4 steps."""
+    from permanence.training import batches_per_epoch
+
+    sim = Simulation(build_config({}, ["data.limit=300", "data.test_limit=100", "train.epochs=2", "train.batch_size=128"]))
+    assert 2 * batches_per_epoch(len(sim.splits.d0_y), 128, sim.runtime) == 4
+    model = sim.train_initial()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -121,6 +121,12 @@ def embed(model: nn.Module, images: torch.Tensor, runtime: Runtime, batch_size: 
     return torch.cat(out)
 
 
+def warmup_fraction(total_steps: int) -> float:
+    """The one-cycle schedule's warm-up: a quarter of the steps. torch's OneCycleLR divides by zero when the warm-up
+    ends exactly at step 0 (a quarter of 4 steps: tiny data), so 4 steps warm up over 2."""
+    return 0.5 if 0.25 * total_steps == 1 else 0.25
+
+
 def fit_from_scratch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, runtime: Runtime,
                      gen: torch.Generator, on_epoch: EpochCallback | None = None, forward=None) -> float:
     """The initial-training recipe (config section `train`): SGD with a constant or one-cycle lr."""
@@ -128,7 +134,8 @@ def fit_from_scratch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, ru
     scheduler = None
     if cfg.schedule == "onecycle":
         total = cfg.epochs * batches_per_epoch(len(y), cfg.batch_size, runtime)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
+                                                        pct_start=warmup_fraction(total))
     loss_fn = F.cross_entropy
     if cfg.label_smoothing:
         loss_fn = lambda logits, target: F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)  # noqa: E731
