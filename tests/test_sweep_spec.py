@@ -51,6 +51,23 @@ exclude: [{update.policy: stlr, attack.name: blended}]
     assert {t.control_study for t in cells} == {c.study for c in controls}
 
 
+def test_cells_that_differ_only_in_settings_their_timeline_never_reads_share_one_control(tmp_path):
+    """A control poisons nothing, so the injection window and the injection's policy do not make another control."""
+    sweep = load_sweep(_write(tmp_path, """
+name: windows
+config: CONFIG
+base: [update.updates=3, update.policy=stlr]
+cells:
+  - {poisoning.inject: update, poisoning.first: 2}
+  - {poisoning.inject: range, poisoning.first: 1, poisoning.last: 3}
+  - {poisoning.inject: update, poisoning.first: 1, poisoning.policy: finetune}
+  - {poisoning.inject: d0}
+"""))
+    controls = [t for t in sweep.timelines if t.control]
+    assert len(controls) == 1 and {t.control_study for t in sweep.timelines if not t.control} == {controls[0].study}
+    assert len(sweep.timelines) == 5
+
+
 def test_star_means_every_registered_policy(tmp_path):
     sweep = load_sweep(_write(tmp_path, "name: all\nconfig: CONFIG\ngrid: {update.policy: '*'}\ncontrol: false\n"))
     assert [t.values["update.policy"] for t in sweep.timelines] == POLICIES.names()
@@ -84,6 +101,10 @@ BAD = {
     "empty grid": ("grid: {update.policy: []}", r"grid: axis 'update\.policy' has no values"),
     "no grid": ("seeds: 2", r"grid: empty \(and no cells\)"),
     "duplicate cells": ("cells: [{update.policy: stlr}, {update.policy: stlr, update.lr: 0.01}]", r"give the same timeline"),
+    "same timeline in unread settings": ("grid: {poisoning.first: [1, 2]}", r"cells cell poisoning\.first=1 and cell poisoning\.first=2 give the same timeline"),
+    "seed as an axis": ("grid: {seed: [1, 2]}", r"grid: 'seed' cannot be an axis: a sweep's seeds come from its file's `seeds:`"),
+    "study in base": ("base: [study=mine]\ngrid: {update.policy: [stlr]}", r"base: 'study=mine': a sweep names each timeline's study"),
+    "exclude matching no cell": ("grid: {attack.name: [badnets, blended]}\nexclude: [{attack.name: trojan}]", r"exclude: attack\.name=trojan matches no cell"),
     "bad seeds": ("grid: {update.policy: [stlr]}\nseeds: 0", r"seeds: a count must be >= 1"),
     "repeated seeds": ("grid: {update.policy: [stlr]}\nseeds: [1, 1]", r"seeds: \[1, 1\] repeats a seed"),
     "unknown top-level key": ("gird: {update.policy: [stlr]}", r"unknown key 'gird'; allowed: name, config"),
@@ -113,6 +134,9 @@ def test_missing_file_and_set_on_an_axis(tmp_path, monkeypatch):
     path = _write(tmp_path, "name: s\nconfig: CONFIG\ngrid: {update.policy: [stlr, finetune]}\n")
     on_axis = CliRunner().invoke(app, ["sweep", str(path), "--set", "update.policy=static"])
     assert on_axis.exit_code == 2 and "'update.policy' is an axis of" in on_axis.stderr
+    for text in ("seed=4", "study=mine"):
+        refused = CliRunner().invoke(app, ["sweep", str(path), "--dry-run", "--set", text])
+        assert refused.exit_code == 2 and f"--set {text}: a sweep" in refused.stderr, refused.stderr
     with pytest.raises(PermanenceError, match=r"--seeds: seeds: a count must be >= 1"):
         load_sweep(path, seeds=0)
     assert not (tmp_path / "mlruns").exists()

@@ -129,6 +129,11 @@ def _axis_values(path: Path, key: str, values: Any) -> list[Any]:
     return values
 
 
+# what a sweep sets in every timeline itself, so that neither an axis, `base` nor `--set` may
+SWEEP_SET = {"seed": "a sweep's seeds come from its file's `seeds:` (or --seeds)",
+             "study": "a sweep names each timeline's study from its own name and the timeline's cell"}
+
+
 def _points(path: Path, raw: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
     grid = raw.get("grid") or {}
     cells = raw.get("cells")
@@ -145,6 +150,9 @@ def _points(path: Path, raw: dict[str, Any]) -> tuple[list[str], list[dict[str, 
     overlap = sorted(set(axes_values) & set(cell_axes))
     if overlap:
         _fail(path, f"cells: '{overlap[0]}' is also a grid axis; set it in one place")
+    for axis in axes:
+        if axis in SWEEP_SET:
+            _fail(path, f"grid: '{axis}' cannot be an axis: {SWEEP_SET[axis]}")
     points = [{**cell, **point} for cell in (cells or [{}]) for point in grid_points]
     exclude = raw.get("exclude") or []
     if not isinstance(exclude, list) or not all(isinstance(e, dict) and e for e in exclude):
@@ -153,6 +161,8 @@ def _points(path: Path, raw: dict[str, Any]) -> tuple[list[str], list[dict[str, 
         for key in entry:
             if key not in axes:
                 _fail(path, f"exclude: '{key}' is not an axis of this sweep; axes: {', '.join(axes)}")
+        if not any(all(p.get(k) == v for k, v in entry.items()) for p in points):
+            _fail(path, f"exclude: {_where(entry).removeprefix('cell ')} matches no cell of the grid")
     points = [p for p in points if not any(all(p.get(k) == v for k, v in e.items()) for e in exclude)]
     if not points:
         _fail(path, "exclude: drops every cell: there is nothing to run")
@@ -173,8 +183,22 @@ def study_name(sweep: str, values: dict[str, Any], seed: int, taken: set[str]) -
     return name
 
 
+def _canonical(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config's dump with the settings its timeline never reads set to one value, so that cells that run the same
+    timeline compare equal: the poisoning window and its policy where no update ingests poison (`none`, `d0`), the
+    last update of a one-update injection, an injection policy that is the study's own."""
+    poisoning = dict(raw["poisoning"])
+    if poisoning["inject"] in ("none", "d0"):
+        poisoning.update(first=1, last=1, policy=None)
+    elif poisoning["inject"] == "update":
+        poisoning["last"] = poisoning["first"]
+    if poisoning["policy"] == raw["update"]["policy"]:
+        poisoning["policy"] = None
+    return {**raw, "poisoning": poisoning}
+
+
 def _identity(config: Config) -> str:
-    raw = config.model_dump(mode="json")
+    raw = _canonical(config.model_dump(mode="json"))
     raw.pop("study")
     return json.dumps(raw, sort_keys=True)
 
@@ -194,11 +218,17 @@ def load_sweep(path: str | Path, sets: list[str] | tuple[str, ...] = (), seeds: 
     base = raw.get("base") or []
     if not isinstance(base, list) or not all(isinstance(b, str) for b in base):
         _fail(path, "base: expected a list of key=value strings")
+    for text in base:
+        key = text.partition("=")[0].strip()
+        if key in SWEEP_SET:
+            _fail(path, f"base: '{text}': {SWEEP_SET[key]}")
     axes, points = _points(path, raw)
     for text in sets:
         key = text.partition("=")[0].strip()
         if key in axes:
             raise PermanenceError(f"--set {text}: '{key}' is an axis of {path}; change its values in the file")
+        if key in SWEEP_SET:
+            raise PermanenceError(f"--set {text}: {SWEEP_SET[key]}")
     seed_list = _seeds(path, raw.get("seeds", 1)) if seeds is None else _seeds(Path("--seeds"), seeds)
     compare = raw.get("compare") or axes[0]
     if compare not in axes:
@@ -258,6 +288,7 @@ def _add_controls(sweep: Sweep, defaults: dict[str, Any]) -> None:
         raw["poisoning"] = {**raw["poisoning"], "inject": "none"}
         raw["attack"] = {**raw["attack"], "ratio": defaults["attack"]["ratio"]}  # a control poisons nothing
         raw["update"] = {**raw["update"], **{k: defaults["update"][k] for k in POLICY_KNOBS}}
+        raw = _canonical(raw)
         key = json.dumps(raw, sort_keys=True)
         if key not in groups:
             digest = hashlib.sha256(key.encode()).hexdigest()[:8]
