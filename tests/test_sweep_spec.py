@@ -192,3 +192,17 @@ control: false
     assert POLICIES.hint("finetune", "cost", 1.0) == 1.0  # registered without a cost: the default
     with pytest.raises(PermanenceError, match="unknown policy 'nope'"):
         POLICIES.hint("nope", "cost", 1.0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--study", "a", "--name", "../../elsewhere"], "compare: --name: expected an identifier"),
+    (["../up"], "compare: NAME: expected an identifier"),
+    ([], "compare: give a finished sweep's name or one or more --study"),
+    (["s", "--study", "a"], "not both"),
+])
+def test_compare_refuses_names_that_are_not_identifiers_before_writing(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["compare", *args, "--results", "results/deep", "--store", "mlruns"])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -277,9 +277,15 @@ def compare(
 ) -> None:
     """Re-render a sweep's comparison (or one of several studies) from MLflow, without running anything."""
     from permanence.adapters.studies import compare_studies, compare_sweep
+    from permanence.sweep import NAME
 
-    if (name is None) == (not studies):
+    if name is not None and studies:
         fail("compare: give a sweep name or one or more --study, not both")
+    if name is None and not studies:
+        fail("compare: give a finished sweep's name or one or more --study")
+    for option, value in (("NAME", name), ("--name", out_name)):
+        if value is not None and not NAME.fullmatch(value):
+            fail(f"compare: {option}: expected an identifier of at most 40 letters, digits, '_' or '-' (got {value!r})")
     try:
         files = compare_sweep(name, store, results) if name else compare_studies(studies, store, results, out_name)
     except PermanenceError as err:
