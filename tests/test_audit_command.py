@@ -223,6 +223,12 @@ def bad_inputs(registry):
     ("wrong shape", ["tiny", "--data", "{wrong}"], "images of shape (C, H, W) = (1, 28, 28)"),
     ("unreachable", ["tiny", "--tracking-uri", "http://127.0.0.1:{port}"], "did not answer"),
     ("bad option", ["tiny", "-o", "neural_cleanse.stepz=3"], "unknown option 'stepz'"),
+    ("option of the wrong type", ["tiny", "-o", "neural_cleanse.steps=abc"],
+     "--option neural_cleanse.steps: Input should be a valid integer"),
+    ("a check's option of the wrong type", ["tiny", "-o", "known_triggers.threshold=abc"],
+     "--option known_triggers.threshold: Input should be a valid number"),
+    ("one unknown attack of a list", ["tiny", "-o", "known_triggers.attacks=badnets,trojan"], "unknown attack 'trojan'"),
+    ("strip without inputs", ["tiny", "--checks", "strip"], "give them with --candidates"),
     ("bad trigger", ["tiny", "--trigger", "blended@0"], "drawn from a seed"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(registry, bad_inputs, case, args, says):

@@ -18,7 +18,10 @@
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
+import types
+import typing
 import json
 import math
 import time
@@ -339,6 +342,30 @@ def _dormancy_options(options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+def _is_list(hint: Any) -> bool:
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return any(typing.get_origin(arg) in (list, tuple, collections.abc.Sequence) for arg in args)
+
+
+def _typed(name: str, hints: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """Each option as the type its check declares (a comma-separated string for a list), or one line naming it."""
+    from pydantic import TypeAdapter, ValidationError
+
+    out = dict(options)
+    for key, value in options.items():
+        if key not in hints:
+            continue  # an unknown key is reported by the caller, with what is allowed
+        if isinstance(value, str) and _is_list(hints[key]):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        try:
+            out[key] = TypeAdapter(hints[key]).validate_python(value)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = "".join(f"[{loc}]" for loc in first["loc"])
+            raise PermanenceError(f"--option {name}.{key}{where}: {first['msg']} (got {value!r})") from None
+    return out
+
+
 def check_options(request: AuditRequest) -> dict[str, dict[str, Any]]:
     """Each requested check's options, validated now (a typo fails before anything runs)."""
     out: dict[str, dict[str, Any]] = {}
@@ -346,6 +373,8 @@ def check_options(request: AuditRequest) -> dict[str, dict[str, Any]]:
         raise PermanenceError(f"--checks: name at least one of {', '.join(CHECKS.names())}")
     for name in request.checks:
         CHECKS.get(name, "--checks")
+    if "strip" in request.checks and request.candidates is None:  # without inputs it finds nothing: no verdict from that
+        raise PermanenceError("--checks strip: STRIP judges inputs, not a model; give them with --candidates FILE.npz")
     for name in request.options:
         if name not in request.checks:
             raise PermanenceError(f"--option {name}.*: {name} is not among --checks ({', '.join(request.checks)})")
@@ -357,6 +386,7 @@ def check_options(request: AuditRequest) -> dict[str, dict[str, Any]]:
         if bad:
             raise PermanenceError(f"--option {name}.{sorted(bad)[0]}: set by the audit itself")
         if name == "neural_cleanse":
+            options = _typed(name, typing.get_type_hints(NeuralCleanseSettings), options)
             settings = NeuralCleanseSettings.build(options)
             if settings.held_out != HELD_OUT and "dormancy" in request.checks:
                 raise PermanenceError(f"--option neural_cleanse.held_out: the dormancy check measures on the same "
@@ -370,6 +400,8 @@ def check_options(request: AuditRequest) -> dict[str, dict[str, Any]]:
             if unknown:
                 extra = ", and eval's probe settings (e.g. reactivate_steps)" if name == "dormancy" else ""
                 raise PermanenceError(f"--option {name}.{unknown[0]}: unknown; allowed: {', '.join(allowed)}{extra}")
+            hints = typing.get_type_hints(CHECKS.get(name))
+            options = _typed(name, {k: v for k, v in hints.items() if k in allowed}, options)
         out[name] = options
     return out
 
