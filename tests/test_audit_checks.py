@@ -210,7 +210,36 @@ def test_known_triggers_skips_seeded_patterns_without_their_seed(clean):
 
 def test_known_triggers_threshold_is_configurable(badnets3):
     result = CHECKS.get("known_triggers")(badnets3.model, badnets3.data, threshold=1.0, attacks=["badnets"])
-    assert result.flagged == (result.asr >= 1.0)
+    assert result.flagged == (result.numbers["caused"] >= 1.0)
+
+
+class LeansToNine(nn.Module):
+    """A clean model made to predict 9 for the 60% of images brightest in their top-left corner, trigger or not
+    (a BadNets patch sits bottom-right): what an undertrained model's bias looks like to a trigger."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.cut = torch.quantile(self._corner(images.float() / 255), 0.4).item()
+
+    @staticmethod
+    def _corner(x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, :6, :6].mean((1, 2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        logits[self._corner(x) > self.cut, 9] = 1e4
+        return logits
+
+
+def test_known_triggers_do_not_flag_a_models_own_leaning_to_a_class(clean):
+    """The BadNets patch reaches an ASR of about 0.6 to class 9 on this clean model, as the clean images do without
+    it: the trigger causes nothing, so nothing is flagged (an ASR read alone flagged it)."""
+    model = LeansToNine(clean.model, clean.data.images)
+    result = CHECKS.get("known_triggers")(model, clean.data, attacks=["badnets"])
+    nine = next(row for row in result.extras["table"] if row[1] == 9)
+    assert nine[2] >= 0.5 and nine[3] < 0.2, nine
+    assert not result.flagged, result.reason
 
 
 # --- verdict rules ----------------------------------------------------------------------------------

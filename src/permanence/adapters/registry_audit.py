@@ -708,7 +708,7 @@ def version_tags(row: VersionAudit, lineage: Lineage | None, at: str, run_id: st
 METRIC_KEYS = {
     "neural_cleanse": ("anomaly_index", "norm_ratio", "reference_ratio", "asr", "asr_clean", "flagged", "target", "l1_min",
                        "l1_median"),
-    "known_triggers": ("asr", "flagged", "target"),
+    "known_triggers": ("asr", "caused", "clean_rate", "flagged", "target"),
     "strip": ("flagged_share", "flagged"),
     "dormancy": ("asr", "asr_clean", "p_asr", "p_asr_clean", "reactivated_asr", "reactivated_asr_clean", "bec",
                  "flagged"),
