@@ -2,3 +2,5 @@
 
 The core never imports this package; the flow and the CLI do.
 """
+
+from permanence.adapters import env  # noqa: E402,F401  (the tools' environment defaults, before any tool is imported)
