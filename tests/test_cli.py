@@ -84,3 +84,17 @@ def test_prefect_home_defaults_into_the_project(tmp_path):
     assert Path(out) == ROOT / ".prefect"
     assert ".prefect/" in (ROOT / ".gitignore").read_text().split()
     assert not (tmp_path / ".prefect").exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["sweep", "sweeps/policies.yaml", "--dry-run", "--seeds", "abc"], "permanence sweep: Invalid value for '--seeds'"),
+    (["simulate", "--bogus"], "permanence simulate: No such option: --bogus"),
+])
+def test_a_command_line_usage_error_is_one_line_exit_2(args, says, tmp_path):
+    """Through the installed console script, as a user types it (the Typer app alone prints a usage box)."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([str(Path(sys.executable).parent / "permanence"), *args], cwd=root, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")})
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr
+    assert done.stdout == ""

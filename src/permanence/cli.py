@@ -422,3 +422,28 @@ def audit(
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
+
+
+def main() -> None:
+    """The `permanence` console script: the Typer app, with a command-line usage error (an option's value of the wrong
+    type, an unknown option, a missing argument) shown as one `error:` line, exit 2, like every other bad input."""
+    try:
+        from typer._click import exceptions as usage  # Typer 0.2x carries its own copy of click
+    except ImportError:  # an older Typer on click
+        from click import exceptions as usage
+
+    try:
+        code = app(standalone_mode=False)
+    except usage.NoArgsIsHelpError:  # the help is already printed
+        sys.exit(2)
+    except usage.UsageError as err:
+        where = f"{err.ctx.command_path}: " if err.ctx else ""
+        console.print(f"[bold red]error:[/] {where}{err.format_message()}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except usage.ClickException as err:
+        console.print(f"[bold red]error:[/] {err.format_message()}", highlight=False, soft_wrap=True)
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        console.print("[bold red]aborted[/]", highlight=False)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
