@@ -94,10 +94,15 @@ def test_outputs_written(study):
     assert (folder / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     artifacts = {a.path for a in _client(summary).list_artifacts(summary["mlflow_run_id"])}
     assert {"timeline.csv", "summary.json", "timeline.png"} <= artifacts
-    from permanence.adapters.outputs import umask
-
     for name in ("timeline.csv", "summary.json", "timeline.png"):  # as any new file of the user's, not 0600
         assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~umask(), name
+
+
+def umask() -> int:
+    """This process's umask (set to read it: the test's thread is the only one creating files now)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_drift_is_flagged_at_default_drift(study):

@@ -9,7 +9,7 @@ import csv
 import io
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +20,13 @@ COLUMNS = ["update", "drift", "poisoned", "updated", "clean_acc", "asr", "ra", "
 OPTIONAL = [*PROBE_FIELDS, "probe_seconds"]  # written when a row has them (the dormancy probes were on)
 
 
-def umask() -> int:
-    """This process's umask, read without changing it where Linux shows it (os.umask sets it to read it, which would
-    race with another thread creating a file)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write `path` whole or not at all, readable as any new file of this user (mkstemp alone makes it 0600)."""
+    """Write `path` whole or not at all, with the mode any new file of this user gets (the umask applied by the
+    kernel; tempfile.mkstemp would make it 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
