@@ -228,6 +228,7 @@ def bad_inputs(registry):
     ("a check's option of the wrong type", ["tiny", "-o", "known_triggers.threshold=abc"],
      "--option known_triggers.threshold: Input should be a valid number"),
     ("one unknown attack of a list", ["tiny", "-o", "known_triggers.attacks=badnets,trojan"], "unknown attack 'trojan'"),
+    ("an unknown probe of a list", ["tiny", "-o", "dormancy.probes=retune,nope"], "unknown probe 'nope'"),
     ("strip without inputs", ["tiny", "--checks", "strip"], "give them with --candidates"),
     ("bad trigger", ["tiny", "--trigger", "blended@0"], "drawn from a seed"),
 ])

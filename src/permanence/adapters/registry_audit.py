@@ -322,14 +322,11 @@ def parse_trigger(text: str, shape: tuple[int, int, int], num_classes: int) -> L
 
 
 def _dormancy_options(options: dict[str, Any]) -> dict[str, Any]:
-    """`probes` as a list (a comma string from the command line); EvalConfig's probe fields into `settings`."""
+    """Each of `probes` (a list: `_typed` splits a comma string) registered; EvalConfig's probe fields into `settings`."""
     from permanence.config import EvalConfig
     from permanence.dormancy import PROBES
 
     options = dict(options)
-    probes = options.get("probes")
-    if isinstance(probes, str):
-        options["probes"] = [p.strip() for p in probes.split(",") if p.strip()]
     for probe in options.get("probes", []):
         PROBES.get(probe, "--option dormancy.probes")
     fields = {key: options.pop(key) for key in list(options) if key in EvalConfig.model_fields}
@@ -392,16 +389,16 @@ def check_options(request: AuditRequest) -> dict[str, dict[str, Any]]:
                 raise PermanenceError(f"--option neural_cleanse.held_out: the dormancy check measures on the same "
                                       f"split; keep {HELD_OUT}")
         else:
-            if name == "dormancy":
-                options = _dormancy_options(options)
             parameters = inspect.signature(CHECKS.get(name)).parameters
             allowed = [p for p in parameters if p not in ("model", "data", "settings") and p not in reserved.get(name, set())]
+            hints = typing.get_type_hints(CHECKS.get(name))
+            options = _typed(name, {k: v for k, v in hints.items() if k in allowed}, options)
+            if name == "dormancy":
+                options = _dormancy_options(options)
             unknown = [key for key in options if key not in parameters or key in ("model", "data")]
             if unknown:
                 extra = ", and eval's probe settings (e.g. reactivate_steps)" if name == "dormancy" else ""
                 raise PermanenceError(f"--option {name}.{unknown[0]}: unknown; allowed: {', '.join(allowed)}{extra}")
-            hints = typing.get_type_hints(CHECKS.get(name))
-            options = _typed(name, {k: v for k, v in hints.items() if k in allowed}, options)
         out[name] = options
     return out
 

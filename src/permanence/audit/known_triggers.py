@@ -33,23 +33,18 @@ def is_seeded(name: str, image_shape: tuple[int, int, int]) -> bool:
     return not torch.equal(a.apply(probe), b.apply(probe))
 
 
-def success_by_target(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
-    """ASR for each class t as the target: the share of the images not of class t that are predicted t."""
+def success_by_target(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                      unless_predicted: torch.Tensor | None = None) -> list[float]:
+    """ASR for each class t as the target: the share of the images not of class t that are predicted t. With
+    `unless_predicted` (the model's predictions without the trigger), only among the images it does not already
+    predict as t: what the trigger causes, not the model's own leaning to t (an undertrained model that predicts t
+    for most clean images has a high ASR to t for any trigger, and none caused)."""
     out = []
     for t in range(num_classes):
         victims = labels != t
+        if unless_predicted is not None:
+            victims &= unless_predicted != t
         out.append((predictions[victims] == t).float().mean().item() if bool(victims.any()) else math.nan)
-    return out
-
-
-def caused_by_target(clean: torch.Tensor, triggered: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
-    """For each class t: of the images not of class t that the model does not already predict as t without the
-    trigger, the share the trigger sends to t. What the trigger causes, not the model's own leaning to t: an
-    undertrained model that predicts t for most clean images has a high ASR to t for any trigger, and none caused."""
-    out = []
-    for t in range(num_classes):
-        victims = (labels != t) & (clean != t)
-        out.append((triggered[victims] == t).float().mean().item() if bool(victims.any()) else math.nan)
     return out
 
 
@@ -57,7 +52,7 @@ def caused_by_target(clean: torch.Tensor, triggered: torch.Tensor, labels: torch
 def known_triggers(model: nn.Module, data: AuditData, *, seeds: Mapping[str, int] | None = None,
                    threshold: float = 0.5, attacks: list[str] | None = None) -> CheckResult:
     """Flags when a known trigger sends at least `threshold` of the images the model gets right without it (or
-    at least does not predict as the target) to one target class (`caused_by_target`). `numbers`: flagged, asr (the
+    at least does not predict as the target) to one target class (`success_by_target` unless predicted). `numbers`: flagged, asr (the
     best trigger's plain ASR), caused (its caused share), clean_rate (the clean non-target images the model predicts
     as that target anyway), target, tried, skipped. `extras`: `table` [(attack, target, asr, caused)] for every attack
     tried and every class, `skipped` {attack: why}, `top` (attack, target, asr, caused) of the best or None."""
@@ -87,7 +82,7 @@ def known_triggers(model: nn.Module, data: AuditData, *, seeds: Mapping[str, int
             continue
         predictions = predict_labels(model, attack.apply(data.images))
         asrs = success_by_target(predictions, data.labels, data.num_classes)
-        caused = caused_by_target(clean, predictions, data.labels, data.num_classes)
+        caused = success_by_target(predictions, data.labels, data.num_classes, unless_predicted=clean)
         table.extend((name, target, asr, share) for target, (asr, share) in enumerate(zip(asrs, caused)))
     valid = [row for row in table if not math.isnan(row[3])]
     top = max(valid, key=lambda row: (row[3], row[2])) if valid else None
