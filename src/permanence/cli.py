@@ -277,7 +277,7 @@ def compare(
 ) -> None:
     """Re-render a sweep's comparison (or one of several studies) from MLflow, without running anything."""
     from permanence.adapters.studies import compare_studies, compare_sweep
-    from permanence.sweep import NAME
+    from permanence.sweep import NAME, NAME_RULE
 
     if name is not None and studies:
         fail("compare: give a sweep name or one or more --study, not both")
@@ -285,7 +285,7 @@ def compare(
         fail("compare: give a finished sweep's name or one or more --study")
     for option, value in (("NAME", name), ("--name", out_name)):
         if value is not None and not NAME.fullmatch(value):
-            fail(f"compare: {option}: expected an identifier of at most 40 letters, digits, '_' or '-' (got {value!r})")
+            fail(f"compare: {option}: expected {NAME_RULE} (got {value!r})")
     try:
         files = compare_sweep(name, store, results) if name else compare_studies(studies, store, results, out_name)
     except PermanenceError as err:
@@ -420,10 +420,6 @@ def audit(
     out.print(f"[bold green]gate --fail-on {fail_on} passes[/]", highlight=False)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
-
-
 def main() -> None:
     """The `permanence` console script: the Typer app, with a command-line usage error (an option's value of the wrong
     type, an unknown option, a missing argument) shown as one `error:` line, exit 2, like every other bad input."""
@@ -447,3 +443,7 @@ def main() -> None:
         console.print("[bold red]aborted[/]", highlight=False)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

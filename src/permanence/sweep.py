@@ -41,6 +41,7 @@ TOP_LEVEL = ("name", "config", "base", "grid", "cells", "seeds", "exclude", "com
 # axes whose "*" means every registered entry
 REGISTRY_AXES = {"update.policy": POLICIES, "attack.name": ATTACKS, "drift.kind": DRIFTS, "model.name": MODELS}
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,39}")
+NAME_RULE = "an identifier of at most 40 letters, digits, '_' or '-'"  # what NAME accepts
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,12 @@ def _axis_values(path: Path, key: str, values: Any) -> list[Any]:
 
 
 # what a sweep sets in every timeline itself, so that neither an axis, `base` nor `--set` may
-SWEEP_SET = {"seed": "a sweep's seeds come from its file's `seeds:` (or --seeds)",
+SET_BY_THE_SWEEP = {"seed": "a sweep's seeds come from its file's `seeds:` (or --seeds)",
              "study": "a sweep names each timeline's study from its own name and the timeline's cell"}
+
+
+def _matches(point: dict[str, Any], partial: dict[str, Any]) -> bool:
+    return all(point.get(k) == v for k, v in partial.items())
 
 
 def _points(path: Path, raw: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -151,8 +156,8 @@ def _points(path: Path, raw: dict[str, Any]) -> tuple[list[str], list[dict[str, 
     if overlap:
         _fail(path, f"cells: '{overlap[0]}' is also a grid axis; set it in one place")
     for axis in axes:
-        if axis in SWEEP_SET:
-            _fail(path, f"grid: '{axis}' cannot be an axis: {SWEEP_SET[axis]}")
+        if axis in SET_BY_THE_SWEEP:
+            _fail(path, f"grid: '{axis}' cannot be an axis: {SET_BY_THE_SWEEP[axis]}")
     points = [{**cell, **point} for cell in (cells or [{}]) for point in grid_points]
     exclude = raw.get("exclude") or []
     if not isinstance(exclude, list) or not all(isinstance(e, dict) and e for e in exclude):
@@ -161,9 +166,9 @@ def _points(path: Path, raw: dict[str, Any]) -> tuple[list[str], list[dict[str, 
         for key in entry:
             if key not in axes:
                 _fail(path, f"exclude: '{key}' is not an axis of this sweep; axes: {', '.join(axes)}")
-        if not any(all(p.get(k) == v for k, v in entry.items()) for p in points):
+        if not any(_matches(p, entry) for p in points):
             _fail(path, f"exclude: {_where(entry).removeprefix('cell ')} matches no cell of the grid")
-    points = [p for p in points if not any(all(p.get(k) == v for k, v in e.items()) for e in exclude)]
+    points = [p for p in points if not any(_matches(p, e) for e in exclude)]
     if not points:
         _fail(path, "exclude: drops every cell: there is nothing to run")
     return axes, points
@@ -211,7 +216,7 @@ def load_sweep(path: str | Path, sets: list[str] | tuple[str, ...] = (), seeds: 
     raw = _read(path)
     name = raw.get("name")
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        _fail(path, f"name: expected an identifier of at most 40 letters, digits, '_' or '-' (got {name!r})")
+        _fail(path, f"name: expected {NAME_RULE} (got {name!r})")
     params = Path(raw.get("config") or "params.yaml")
     if not params.is_file() and (path.parent / params).is_file():
         params = path.parent / params
@@ -220,15 +225,15 @@ def load_sweep(path: str | Path, sets: list[str] | tuple[str, ...] = (), seeds: 
         _fail(path, "base: expected a list of key=value strings")
     for text in base:
         key = text.partition("=")[0].strip()
-        if key in SWEEP_SET:
-            _fail(path, f"base: '{text}': {SWEEP_SET[key]}")
+        if key in SET_BY_THE_SWEEP:
+            _fail(path, f"base: '{text}': {SET_BY_THE_SWEEP[key]}")
     axes, points = _points(path, raw)
     for text in sets:
         key = text.partition("=")[0].strip()
         if key in axes:
             raise PermanenceError(f"--set {text}: '{key}' is an axis of {path}; change its values in the file")
-        if key in SWEEP_SET:
-            raise PermanenceError(f"--set {text}: {SWEEP_SET[key]}")
+        if key in SET_BY_THE_SWEEP:
+            raise PermanenceError(f"--set {text}: {SET_BY_THE_SWEEP[key]}")
     seed_list = _seeds(path, raw.get("seeds", 1)) if seeds is None else _seeds(Path("--seeds"), seeds)
     compare = raw.get("compare") or axes[0]
     if compare not in axes:
