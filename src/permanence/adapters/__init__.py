@@ -3,4 +3,4 @@
 The core never imports this package; the flow and the CLI do.
 """
 
-from permanence.adapters import env  # noqa: E402,F401  (the tools' environment defaults, before any tool is imported)
+from permanence.adapters import env  # noqa: E402,F401  (the tools' settings, before an adapter imports a tool)

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from permanence.adapters import env  # noqa: F401  (first: Prefect reads its settings when imported)
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 

@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from permanence.adapters import env  # noqa: F401  (first: Prefect reads its settings when imported)
 
 
 @contextmanager

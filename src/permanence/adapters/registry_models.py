@@ -39,7 +39,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from permanence.adapters import env  # noqa: F401  (first: MLflow reads its settings when imported)
 from permanence.audit.model import InputNormalized
 from permanence.errors import PermanenceError
 
