@@ -103,6 +103,7 @@ BAD = {
     "duplicate cells": ("cells: [{update.policy: stlr}, {update.policy: stlr, update.lr: 0.01}]", r"give the same timeline"),
     "same timeline in unread settings": ("grid: {poisoning.first: [1, 2]}", r"cells cell poisoning\.first=1 and cell poisoning\.first=2 give the same timeline"),
     "seed as an axis": ("grid: {seed: [1, 2]}", r"grid: 'seed' cannot be an axis: a sweep's seeds come from its file's `seeds:`"),
+    "bad value in base": ("base: [train.lr=fast]\ngrid: {update.policy: [stlr, finetune]}", r"^error: \S+sweep\.yaml: base: train\.lr: Input should be a valid number"),
     "study in base": ("base: [study=mine]\ngrid: {update.policy: [stlr]}", r"base: 'study=mine': a sweep names each timeline's study"),
     "exclude matching no cell": ("grid: {attack.name: [badnets, blended]}\nexclude: [{attack.name: trojan}]", r"exclude: attack\.name=trojan matches no cell"),
     "bad seeds": ("grid: {update.policy: [stlr]}\nseeds: 0", r"seeds: a count must be >= 1"),
@@ -140,6 +141,33 @@ def test_missing_file_and_set_on_an_axis(tmp_path, monkeypatch):
     with pytest.raises(PermanenceError, match=r"--seeds: seeds: a count must be >= 1"):
         load_sweep(path, seeds=0)
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_bad_set_is_blamed_on_the_set_and_a_cell_only_where_its_values_take_part(tmp_path):
+    path = _write(tmp_path, "name: s\nconfig: CONFIG\ngrid: {attack.name: [badnets, blended]}\n")
+    with pytest.raises(PermanenceError, match=r"^--set train\.epochs=many: train\.epochs: Input should be a valid integer"):
+        load_sweep(path, ["train.epochs=many"])
+    path = _write(tmp_path, "name: s\nconfig: CONFIG\ngrid: {poisoning.last: [1, 3]}\n")
+    with pytest.raises(PermanenceError, match=r"^cell poisoning\.last=1: .*poisoning"):
+        load_sweep(path, ["poisoning.inject=range", "poisoning.first=2"])  # first > last only in the cell last=1
+
+
+def test_star_drift_leaves_out_the_colour_drifts_on_grayscale_data_with_a_note(tmp_path):
+    from permanence.drift import DRIFTS
+
+    path = _write(tmp_path, "name: d\nconfig: CONFIG\ngrid: {drift.kind: '*', update.policy: [stlr, finetune]}\n"
+                            "control: false\n")
+    sweep = load_sweep(path)
+    colour = [name for name in DRIFTS.names() if DRIFTS.get(name).needs_color]
+    assert colour, "the registry has colour drifts to leave out"
+    kinds = [t.values["drift.kind"] for t in sweep.timelines]
+    assert sorted(set(kinds)) == [n for n in DRIFTS.names() if n not in colour] and len(kinds) == 2 * len(set(kinds))
+    assert sweep.notes == [f"drift.kind '*': left out {name} on digits (it needs colour images)" for name in colour]
+    result = CliRunner().invoke(app, ["sweep", str(path), "--dry-run"])
+    assert result.exit_code == 0 and f"note: drift.kind '*': left out {colour[0]}" in result.stderr, result.output
+    explicit = _write(tmp_path, f"name: d\nconfig: CONFIG\ngrid: {{drift.kind: [rotation, {colour[0]}]}}\n")
+    with pytest.raises(PermanenceError, match=f"cell drift.kind={colour[0]}: drift.kind: {colour[0]} does nothing"):
+        load_sweep(explicit)  # named explicitly, it is an error, as in `permanence simulate`
 
 
 def test_set_applies_to_every_cell_and_dry_run_lists_shared_m0s(tmp_path):

@@ -211,6 +211,8 @@ def sweep(
         spec = load_sweep(file, set_, seeds)
     except PermanenceError as err:
         fail(str(err))
+    for note in spec.notes:
+        console.print(f"[yellow]note:[/] {note}")
     if dry_run:
         _dry_run(spec)
         return

@@ -26,6 +26,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -38,8 +39,14 @@ from permanence.models import MODELS
 from permanence.policies import POLICIES
 
 TOP_LEVEL = ("name", "config", "base", "grid", "cells", "seeds", "exclude", "compare", "heatmap", "control")
-# axes whose "*" means every registered entry
+# axes whose "*" means every registered entry (that applies to the cell's data, see STAR_APPLIES)
 REGISTRY_AXES = {"update.policy": POLICIES, "attack.name": ATTACKS, "drift.kind": DRIFTS, "model.name": MODELS}
+# axis -> (entry name, the cell's data splits) -> why the entry does not apply, or None; "*" leaves such entries out,
+# where naming one explicitly is an error (the same check `permanence simulate` makes)
+STAR_APPLIES: dict[str, Callable[[str, Any], str | None]] = {
+    "drift.kind": lambda kind, splits: "it needs colour images" if DRIFTS.get(kind).needs_color
+    and splits.is_grayscale else None,
+}
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,39}")
 NAME_RULE = "an identifier of at most 40 letters, digits, '_' or '-'"  # what NAME accepts
 
@@ -70,6 +77,7 @@ class Sweep:
     heatmap: list[str]
     seeds: list[int]
     timelines: list[Timeline] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the sweep left out of a "*" axis, and why
 
     def spec(self) -> dict[str, Any]:
         """What the comparison needs to be rebuilt from the tracking store alone."""
@@ -139,7 +147,7 @@ def _matches(point: dict[str, Any], partial: dict[str, Any]) -> bool:
     return all(point.get(k) == v for k, v in partial.items())
 
 
-def _points(path: Path, raw: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+def _points(path: Path, raw: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]], set[str]]:
     grid = raw.get("grid") or {}
     cells = raw.get("cells")
     if not isinstance(grid, dict):
@@ -149,6 +157,7 @@ def _points(path: Path, raw: dict[str, Any]) -> tuple[list[str], list[dict[str, 
     if not grid and not cells:
         _fail(path, "grid: empty (and no cells): there is nothing to run")
     axes_values = {str(key): _axis_values(path, str(key), values) for key, values in grid.items()}
+    starred = {str(key) for key, values in grid.items() if values == "*" and str(key) in STAR_APPLIES}
     grid_points = [dict(zip(axes_values, combo)) for combo in itertools.product(*axes_values.values())]
     cell_axes = [k for c in cells or [] for k in c]
     axes = list(dict.fromkeys([*axes_values, *cell_axes]))
@@ -171,7 +180,7 @@ def _points(path: Path, raw: dict[str, Any]) -> tuple[list[str], list[dict[str, 
     points = [p for p in points if not any(_matches(p, e) for e in exclude)]
     if not points:
         _fail(path, "exclude: drops every cell: there is nothing to run")
-    return axes, points
+    return axes, points, starred
 
 
 def _slug(value: Any) -> str:
@@ -227,7 +236,7 @@ def load_sweep(path: str | Path, sets: list[str] | tuple[str, ...] = (), seeds: 
         key = text.partition("=")[0].strip()
         if key in SET_BY_THE_SWEEP:
             _fail(path, f"base: '{text}': {SET_BY_THE_SWEEP[key]}")
-    axes, points = _points(path, raw)
+    axes, points, starred = _points(path, raw)
     for text in sets:
         key = text.partition("=")[0].strip()
         if key in axes:
@@ -262,6 +271,9 @@ def load_sweep(path: str | Path, sets: list[str] | tuple[str, ...] = (), seeds: 
             try:
                 config = build_config(defaults, overrides, source=str(path))
             except PermanenceError as err:
+                blame = _blame(defaults, path, base, sets, points, str(err))
+                if blame:
+                    raise PermanenceError(f"{blame}: {str(err).removeprefix(f'{path}: ')}") from None
                 raise PermanenceError(f"{_where(values)}: {err}") from None
             identity = _identity(config)
             if identity in seen and seed == seed_list[0]:
@@ -269,10 +281,69 @@ def load_sweep(path: str | Path, sets: list[str] | tuple[str, ...] = (), seeds: 
             seen.setdefault(identity, values)
             taken.add(study)
             sweep.timelines.append(Timeline(values, seed, tuple(overrides), config))
+    splits = SplitsCache()
+    _leave_out_inapplicable(sweep, starred, splits)
     if control:
         _add_controls(sweep, defaults)
-    check_simulations(sweep)
+    check_simulations(sweep, splits)
     return sweep
+
+
+class SplitsCache:
+    """Each dataset split a sweep's checks need, loaded once (on the CPU)."""
+
+    def __init__(self) -> None:
+        self._splits: dict[str, Any] = {}
+
+    def __call__(self, config: Config) -> Any:
+        from permanence.data import load_splits
+
+        key = json.dumps([config.data.model_dump(mode="json"), config.seed])
+        if key not in self._splits:
+            self._splits[key] = load_splits(config, "cpu")
+        return self._splits[key]
+
+
+def _leave_out_inapplicable(sweep: Sweep, starred: set[str], splits: SplitsCache) -> None:
+    """Drop the timelines whose value of a "*" axis does not apply to their data (a colour drift on grayscale
+    images), with a note saying which and why; an error if nothing is left."""
+    kept, left_out = [], {}
+    for timeline in sweep.timelines:
+        why = None
+        for axis in sorted(starred):
+            try:
+                why = STAR_APPLIES[axis](timeline.values[axis], splits(timeline.config))
+            except PermanenceError as err:
+                raise PermanenceError(f"{sweep.path}: {_where(timeline.values)}: {err}") from None
+            if why:
+                left_out.setdefault(f"{axis} '*': left out {timeline.values[axis]} on {timeline.config.data.name} "
+                                    f"({why})", None)
+                break
+        if not why:
+            kept.append(timeline)
+    if not kept:
+        _fail(sweep.path, "grid: no value of the '*' axes applies to this data: " + "; ".join(left_out))
+    sweep.timelines = kept
+    sweep.notes.extend(left_out)
+
+
+def _blame(defaults: dict[str, Any], path: Path, base: list[str], sets: list[str] | tuple[str, ...],
+           points: list[dict[str, Any]], error: str) -> str | None:
+    """Who is to blame for a cell's config error when every cell, and no cell at all, give that same error: `base`,
+    or the `--set` overrides; None when some cell's values change it."""
+    def error_of(overrides: list[str]) -> str | None:
+        try:
+            build_config(defaults, overrides, source=str(path))
+        except PermanenceError as err:
+            return str(err)
+        return None
+
+    for label, overrides in ((f"{path}: base", list(base)), ("--set " + " ".join(sets), [*base, *sets])):
+        if error_of(overrides) is not None:
+            same = error_of(overrides) == error and all(
+                error_of([*overrides, *(_override(k, v) for k, v in point.items())]) == error for point in points)
+            return label if same else None
+    return None
 
 
 def _where(values: dict[str, Any]) -> str:
@@ -304,19 +375,14 @@ def _add_controls(sweep: Sweep, defaults: dict[str, Any]) -> None:
     sweep.timelines.extend(groups.values())
 
 
-def check_simulations(sweep: Sweep) -> None:
+def check_simulations(sweep: Sweep, splits: SplitsCache | None = None) -> None:
     """The checks `permanence simulate` meets before anything is written, each dataset split loaded once."""
-    from permanence.data import load_splits
     from permanence.simulation import Simulation
 
-    splits: dict[str, Any] = {}
+    splits = splits or SplitsCache()
     for timeline in sweep.timelines:
-        config = timeline.config
-        key = json.dumps([config.data.model_dump(mode="json"), config.seed, config.runtime.device])
         try:
-            if key not in splits:
-                splits[key] = load_splits(config, "cpu")
-            Simulation(config, splits[key])
+            Simulation(timeline.config, splits(timeline.config))
         except PermanenceError as err:
             raise PermanenceError(f"{sweep.path}: {_where(timeline.values) if not timeline.control else 'control'}: {err}") from None
 
