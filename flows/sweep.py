@@ -63,41 +63,60 @@ def policy_sweep(sweep: Any, store_dir: Path = Path("mlruns"), results_dir: Path
     store = SweepStore(sweep.name, store_dir)
     with StudyLock(store.uri, sweep.name, "sweep"):
         parent = store.open_parent(sweep.spec(), _params(sweep))
-        finished = store.finished_hashes()
-        results_dir = results_dir.resolve()
-        timelines_dir = results_dir / sweep.name / "timelines"
-        m0s: dict[str, Any] = {}
+        try:
+            return _run(sweep, store, parent, results_dir, on_progress)
+        except BaseException as err:  # an interrupt, or a fault of the sweep itself: no parent left RUNNING
+            store.client.set_terminated(parent, status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
 
-        def shared(config, key):
-            if key not in m0s:
-                m0s[key] = train_shared_m0.submit(config, store.uri, sweep.name, parent, key)
-            return m0s[key]
 
-        # each timeline goes to Dask once the M0s it starts from are trained, costliest first, so that free workers
-        # take the longest timelines first (handed out as the M0's dependents, they would run in arbitrary order)
-        waiting, skipped = [], 0
-        for cost, timeline in sorted(((estimated_cost(t.config), t) for t in sweep.timelines), key=lambda ct: -ct[0]):
-            config = timeline.config
-            if config_hash(config) in finished:
-                skipped += 1
-                continue
-            needs = {"m0": shared(config, m0_key(config))}
-            if any(getattr(config.eval, probe) for probe in ("retune", "reactivate", "bec")):
-                clean = config.model_copy(update={"poisoning": config.poisoning.model_copy(update={"inject": "none"})})
-                needs["baseline"] = shared(clean, baseline_key(config))
-            waiting.append((timeline, cost, needs))
+def _run(sweep: Any, store: SweepStore, parent: str, results_dir: Path,
+         on_progress: Callable[[SweepProgress], None] | None) -> dict[str, Any]:
+    """Submit the M0s and the unfinished timelines, follow them, write the comparison and close the parent run."""
+    finished = store.finished_hashes()
+    results_dir = results_dir.resolve()
+    timelines_dir = results_dir / sweep.name / "timelines"
+    m0s: dict[str, Any] = {}
 
-        def submit(timeline, cost: float, models: dict[str, Any]):
-            with dask.annotate(priority=round(cost * 100)):  # a worker's queue runs them in that order
-                return sweep_timeline.submit(timeline.config, store.uri, timelines_dir, sweep.name, parent,
-                                             models["m0"], models.get("baseline"))
+    def shared(config, key):
+        if key not in m0s:
+            m0s[key] = train_shared_m0.submit(config, store.uri, sweep.name, parent, key)
+        return m0s[key]
 
-        failures = _follow(waiting, submit, m0s, skipped, on_progress)
-        results, missing = store.results(sweep.spec()["timelines"])
-        files = write_comparison(results_dir / sweep.name, sweep.name, sweep.axes, sweep.compare, sweep.heatmap, results)
-        store.finish(parent, "FAILED" if failures or missing else "FINISHED", files)
+    # each timeline goes to Dask once the M0s it starts from are trained, costliest first, so that free workers
+    # take the longest timelines first (handed out as the M0's dependents, they would run in arbitrary order)
+    waiting, skipped = [], 0
+    for cost, timeline in sorted(((estimated_cost(t.config), t) for t in sweep.timelines), key=lambda ct: -ct[0]):
+        config = timeline.config
+        if config_hash(config) in finished:
+            skipped += 1
+            continue
+        needs = {"m0": shared(config, m0_key(config))}
+        if any(getattr(config.eval, probe) for probe in ("retune", "reactivate", "bec")):
+            clean = config.model_copy(update={"poisoning": config.poisoning.model_copy(update={"inject": "none"})})
+            needs["baseline"] = shared(clean, baseline_key(config))
+        waiting.append((timeline, cost, needs))
+
+    def submit(timeline, cost: float, models: dict[str, Any]):
+        with dask.annotate(priority=round(cost * 100)):  # a worker's queue runs them in that order
+            return sweep_timeline.submit(timeline.config, store.uri, timelines_dir, sweep.name, parent,
+                                         models["m0"], models.get("baseline"))
+
+    failures = _follow(waiting, submit, m0s, skipped, on_progress)
+    results, missing = store.results(sweep.spec()["timelines"])
+    files = write_comparison(results_dir / sweep.name, sweep.name, sweep.axes, sweep.compare, sweep.heatmap, results)
+    store.finish(parent, "FAILED" if failures or missing else "FINISHED", files)
     return {"sweep": sweep.name, "parent_run_id": parent, "experiment_id": store.experiment_id, "tracking_uri": store.uri,
             "files": files, "timelines": len(sweep.timelines), "finished_before": skipped, "failures": failures, "missing": missing}
+
+
+def _outcome(future: Any) -> Any:
+    """A task's result, or the exception it failed with, or the one that fetching its outcome raised (a result
+    Dask could not move): a sweep reports a failed task on its line and goes on with the others."""
+    try:
+        return future.result(raise_on_failure=False)
+    except Exception as err:
+        return err
 
 
 def _follow(waiting: list[tuple[Any, float, dict[str, Any]]], submit: Callable, m0s: dict[str, Any], skipped: int,
@@ -113,7 +132,7 @@ def _follow(waiting: list[tuple[Any, float, dict[str, Any]]], submit: Callable, 
             if not all(need.wrapped_future.done() for need in needs.values()):
                 still_waiting.append((timeline, cost, needs))
                 continue
-            models = {name: need.result(raise_on_failure=False) for name, need in needs.items()}
+            models = {name: _outcome(need) for name, need in needs.items()}
             broken = next((m for m in models.values() if isinstance(m, BaseException)), None)
             if broken is not None:
                 failures[timeline.study] = f"its shared model failed: {type(broken).__name__}: {broken}".splitlines()[0]
@@ -122,7 +141,7 @@ def _follow(waiting: list[tuple[Any, float, dict[str, Any]]], submit: Callable, 
         waiting = still_waiting
         for study, future in list(pending.items()):
             if future.wrapped_future.done():
-                outcome = future.result(raise_on_failure=False)
+                outcome = _outcome(future)
                 if isinstance(outcome, BaseException):
                     failures[study] = f"{type(outcome).__name__}: {outcome}".splitlines()[0]
                 del pending[study]

@@ -1,8 +1,17 @@
-"""A `dask worker --preload` for the sweep tests: on these workers, seed 1's M0 of a sweep named `broken` cannot be
-trained (every other model trains as usual), so the test sees what a sweep does when a shared model fails.
-Idempotent: Dask may run a preload more than once in one process."""
+"""A `dask worker --preload` for the sweep tests, faults for the sweep named `broken` only (every other sweep trains
+as usual): seed 1's M0 cannot be trained, so the test sees what a sweep does when a shared model fails; and the first
+update of `broken-static-s0` raises an exception that cannot be pickled (it holds a lock), which Dask could not send
+back to the flow as it is. Idempotent: Dask may run a preload more than once in one process."""
+
+import threading
 
 from permanence.simulation import Simulation
+
+
+class HoldsALock(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
 
 
 def _fails_for_broken_seed_1(train_initial):
@@ -15,5 +24,17 @@ def _fails_for_broken_seed_1(train_initial):
     return train_or_fail
 
 
+def _unpicklable_for_broken_static_s0(update):
+    def update_or_fail(self, model, version, *args, **kwargs):
+        if self.config.study == "broken-static-s0":
+            raise HoldsALock(f"injected: update {version} holds a lock")
+        return update(self, model, version, *args, **kwargs)
+
+    update_or_fail.injected_fault = True
+    return update_or_fail
+
+
 if not getattr(Simulation.train_initial, "injected_fault", False):
     Simulation.train_initial = _fails_for_broken_seed_1(Simulation.train_initial)
+if not getattr(Simulation.update, "injected_fault", False):
+    Simulation.update = _unpicklable_for_broken_static_s0(Simulation.update)

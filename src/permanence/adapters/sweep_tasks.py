@@ -6,16 +6,19 @@ them by name. A timeline goes through `run_timeline`, the same per-timeline pipe
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import torch
 
 from prefect import task
@@ -71,6 +74,24 @@ def undo_malloc_trim() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 64 << 20))
 
 
+class TaskFailure(RuntimeError):
+    """What a task raised, as one line, where the exception itself cannot travel back to the flow (Dask pickles a
+    task's outcome; an exception holding a lock or an open file cannot be pickled, and would crash the sweep)."""
+
+
+@contextlib.contextmanager
+def portable_errors() -> Iterator[None]:
+    """Re-raise an exception that cannot be pickled as a TaskFailure that says the same in one line."""
+    try:
+        yield
+    except Exception as err:
+        try:
+            cloudpickle.dumps(err)
+        except Exception:
+            raise TaskFailure(f"{type(err).__name__}: {err}".splitlines()[0]) from None
+        raise
+
+
 def simulation(config: Config) -> Simulation:
     undo_malloc_trim()
     if config.runtime.threads is None:
@@ -81,26 +102,28 @@ def simulation(config: Config) -> Simulation:
 @task(name="train-shared-m0", **RETRIES)
 def train_shared_m0(config: Config, uri: str, sweep: str, parent_run_id: str, key: str) -> SharedModel:
     """Train the M0 that every timeline with this key starts from, once, and log it as an MLflow Model."""
-    store = SweepStore(sweep, Path("."), uri)
-    done = store.finished_m0(key)
-    if done is not None:
-        return done
-    with StudyLock(uri, f"{sweep}-{key}", "m0"):
-        sim = simulation(config)
-        started = time.perf_counter()
-        model = sim.train_initial()
-        seconds = time.perf_counter() - started
-        poisoned = f"{config.attack.name} in D0" if config.poisoning.inject == "d0" else "never poisoned"
-        return store.log_m0(key, parent_run_id, state_on_cpu(model), ModelSpec.of(sim), seconds,
-                            f"M0 of seed {config.seed}, {config.model.name} on {config.data.name}, {poisoned}")
+    with portable_errors():
+        store = SweepStore(sweep, Path("."), uri)
+        done = store.finished_m0(key)
+        if done is not None:
+            return done
+        with StudyLock(uri, f"{sweep}-{key}", "m0"):
+            sim = simulation(config)
+            started = time.perf_counter()
+            model = sim.train_initial()
+            seconds = time.perf_counter() - started
+            poisoned = f"{config.attack.name} in D0" if config.poisoning.inject == "d0" else "never poisoned"
+            return store.log_m0(key, parent_run_id, state_on_cpu(model), ModelSpec.of(sim), seconds,
+                                f"M0 of seed {config.seed}, {config.model.name} on {config.data.name}, {poisoned}")
 
 
 @task(name="timeline", **TIMELINE_RETRIES)
 def sweep_timeline(config: Config, uri: str, results_dir: Path, sweep: str, parent_run_id: str,
                    m0: SharedModel | None, baseline: SharedModel | None) -> dict[str, Any]:
     """One timeline of the sweep through the per-timeline pipeline; a finished one is not run again."""
-    store = StudyStore(config, experiment=sweep, parent_run_id=parent_run_id, uri=uri)
-    finished = store.finished_run()
-    if finished is not None:
-        return {"study": config.study, "mlflow_run_id": finished.info.run_id, "skipped": True}
-    return run_timeline(simulation(config), store, results_dir, m0=m0, baseline=baseline, plot=False)
+    with portable_errors():
+        store = StudyStore(config, experiment=sweep, parent_run_id=parent_run_id, uri=uri)
+        finished = store.finished_run()
+        if finished is not None:
+            return {"study": config.study, "mlflow_run_id": finished.info.run_id, "skipped": True}
+        return run_timeline(simulation(config), store, results_dir, m0=m0, baseline=baseline, plot=False)
