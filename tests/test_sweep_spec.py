@@ -111,6 +111,9 @@ BAD = {
     "unknown top-level key": ("gird: {update.policy: [stlr]}", r"unknown key 'gird'; allowed: name, config"),
     "malformed yaml": ("grid: {update.policy: [stlr\n", r"not valid YAML at line"),
     "compare not an axis": ("grid: {update.policy: [stlr]}\ncompare: attack.name", r"compare: 'attack\.name' is not an axis"),
+    "heatmap with one axis twice": ("grid: {update.policy: [stlr, finetune], attack.name: [badnets]}\n"
+                                    "heatmap: [update.policy, update.policy]",
+                                    r"heatmap: expected one or two different axes"),
 }
 
 
@@ -125,6 +128,22 @@ def test_bad_sweep_file_is_one_line_exit_2_and_writes_nothing(case, tmp_path, mo
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert re.search(pattern, lines[0]), lines[0]
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:8786", "http://127.0.0.1:8786", "tcp://127.0.0.1", "tcp://host:port"])
+def test_a_malformed_scheduler_address_is_one_line_naming_where_it_came_from(address, tmp_path, monkeypatch):
+    path = _write(tmp_path, "name: s\nconfig: CONFIG\ngrid: {update.policy: [stlr, finetune]}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    given = CliRunner().invoke(app, ["sweep", str(path), "--address", address])
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", address)
+    from_env = CliRunner().invoke(app, ["sweep", str(path), "--dry-run"])
+    for result, named in ((given, f"--address {address}"), (from_env, f"DASK_SCHEDULER_ADDRESS={address}")):
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"error: {named}: not a Dask scheduler address; expected SCHEME://HOST:PORT"), lines
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "results").exists()
 
 

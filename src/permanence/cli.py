@@ -146,7 +146,22 @@ def show(
                   f"MLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']}")
 
 
-def _check_scheduler(address: str, timeout: float = 5.0) -> None:
+def _check_address(address: str, named: str) -> None:
+    """Fail in one line when `address` is not of the form a Dask client connects to."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import backends, get_backend
+
+    try:
+        scheme, location = parse_address(address, strict=True)
+        get_backend(scheme)
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            parse_host_port(location)
+    except ValueError:
+        fail(f"{named}: not a Dask scheduler address; expected SCHEME://HOST:PORT with SCHEME one of "
+             f"{', '.join(sorted(backends))} (e.g. tcp://127.0.0.1:8786)")
+
+
+def _check_scheduler(address: str, named: str, timeout: float = 5.0) -> None:
     """Fail in one line, before anything is written, when no Dask scheduler answers at `address`."""
     import logging
 
@@ -157,7 +172,7 @@ def _check_scheduler(address: str, timeout: float = 5.0) -> None:
         with distributed.Client(address, timeout=f"{timeout}s", set_as_default=False) as client:
             workers = len(client.scheduler_info(n_workers=-1)["workers"])
     except (OSError, TimeoutError, ValueError) as err:
-        fail(f"--address {address}: no Dask scheduler answered within {timeout:.0f} s ({type(err).__name__})")
+        fail(f"{named}: no Dask scheduler answered within {timeout:.0f} s ({type(err).__name__})")
     if workers == 0:
         console.print(f"[yellow]note:[/] the scheduler at {address} has no workers yet; timelines wait for one")
 
@@ -187,6 +202,7 @@ def _dry_run(sweep) -> None:
 
 @app.command()
 def sweep(
+    ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="sweep file (sweeps/*.yaml)")],
     set_: Annotated[list[str], typer.Option("--set", "-s", help="override for every cell: key.sub=value (not an axis)")] = [],
     seeds: Annotated[Optional[int], typer.Option(help="run seeds 0..N-1 instead of the file's")] = None,
@@ -203,8 +219,13 @@ def sweep(
 
     from permanence.sweep import load_sweep
 
+    source = ctx.get_parameter_source("address")  # a ParameterSource of Typer's own copy of click, or of click
+    from_env = source is not None and source.name == "ENVIRONMENT"
+    named = f"DASK_SCHEDULER_ADDRESS={address}" if from_env else f"--address {address}"
+    if address:
+        _check_address(address, named)
     if address and not dry_run:
-        _check_scheduler(address)  # first: an address that does not answer is told within seconds
+        _check_scheduler(address, named)  # first: an address that does not answer is told within seconds
     try:
         if workers is not None and workers < 1:
             raise PermanenceError(f"--workers: must be >= 1 (got {workers})")

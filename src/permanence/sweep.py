@@ -248,8 +248,9 @@ def load_sweep(path: str | Path, sets: list[str] | tuple[str, ...] = (), seeds: 
     if compare not in axes:
         _fail(path, f"compare: '{compare}' is not an axis of this sweep; axes: {', '.join(axes)}")
     heatmap = raw.get("heatmap") or axes[:2]
-    if not isinstance(heatmap, list) or not 1 <= len(heatmap) <= 2 or any(h not in axes for h in heatmap):
-        _fail(path, f"heatmap: expected one or two axes of this sweep ({', '.join(axes)}), got {heatmap!r}")
+    if (not isinstance(heatmap, list) or not 1 <= len(heatmap) <= 2 or any(h not in axes for h in heatmap)
+            or len(set(heatmap)) < len(heatmap)):
+        _fail(path, f"heatmap: expected one or two different axes of this sweep ({', '.join(axes)}), got {heatmap!r}")
     control = raw.get("control", True)
     if not isinstance(control, bool):
         _fail(path, f"control: expected true or false (got {control!r})")
