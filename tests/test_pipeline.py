@@ -226,3 +226,13 @@ def test_dormancy_probes_run_in_the_pipeline_and_are_logged(flows, tmp_path):
     assert sorted(m.step for m in client.get_metric_history(summary["mlflow_run_id"], "bec")) == [0, 1, 2]
     assert "baseline" in {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}, "kept for resume"
     assert summary["bec_final"] == pytest.approx(float(rows[-1]["bec"]))
+
+
+def test_compare_studies_reads_a_simulated_study_from_its_own_experiment(study, tmp_path):
+    from permanence.adapters.studies import compare_studies
+
+    _, summary, workdir = study
+    files = compare_studies(["tiny"], workdir / "mlruns", tmp_path, "one")
+    rows = list(csv.DictReader(files["cells"].open()))
+    assert [(r["study"], r["mlflow_run_id"]) for r in rows] == [("tiny", summary["mlflow_run_id"])]
+    assert float(rows[0]["final_asr"]) == pytest.approx(summary["asr_final"])

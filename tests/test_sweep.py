@@ -194,6 +194,20 @@ def test_compare_rerenders_the_same_comparison_from_mlflow(swept):
         assert (tmp / "again" / "tiny" / name).read_bytes() == data, name
 
 
+def test_compare_studies_finds_a_sweep_s_timelines_in_the_sweep_s_experiment(swept):
+    tmp, _ = swept
+    swept_cells = {r["study"]: r for r in csv.DictReader((tmp / "results" / "tiny" / "cells.csv").open())}
+    picked = sorted(study for study in swept_cells if study.endswith("-s0") and "control" not in study)
+    assert len(picked) == 2
+    rendered = subprocess.run([str(BIN / "permanence"), "compare", *(a for s in picked for a in ("--study", s)),
+                               "--name", "two", "--results", str(tmp / "picked"), "--store", str(tmp / "mlruns")],
+                              cwd=tmp, env=_env(tmp), capture_output=True, text=True, timeout=300)
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    rows = list(csv.DictReader((tmp / "picked" / "two" / "cells.csv").open()))
+    assert sorted((r["study"], r["mlflow_run_id"]) for r in rows) == [(s, swept_cells[s]["mlflow_run_id"]) for s in picked]
+    assert {r["update.policy"] for r in rows} == {"finetune", "stlr"}, "compared along the key in which they differ"
+
+
 def test_a_failed_task_fails_only_its_timelines_each_in_one_line(external_cluster, tmp_path):
     """The workers' preloaded faults: seed 1's M0 fails on every try, so its two timelines are reported failed and
     register nothing; broken-static-s0 fails in its first update with an exception that cannot be pickled, reported

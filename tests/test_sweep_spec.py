@@ -246,6 +246,7 @@ control: false
     (["../up"], "compare: NAME: expected an identifier"),
     ([], "compare: give a finished sweep's name or one or more --study"),
     (["s", "--study", "a"], "not both"),
+    (["--study", "a", "--study", "b", "--study", "a"], "compare: --study a is given more than once"),
 ])
 def test_compare_refuses_names_that_are_not_identifiers_before_writing(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -306,6 +306,9 @@ def compare(
         fail("compare: give a sweep name or one or more --study, not both")
     if name is None and not studies:
         fail("compare: give a finished sweep's name or one or more --study")
+    repeated = sorted({study for study in studies if studies.count(study) > 1})
+    if repeated:
+        fail(f"compare: --study {repeated[0]} is given more than once")
     for option, value in (("NAME", name), ("--name", out_name)):
         if value is not None and not NAME.fullmatch(value):
             fail(f"compare: {option}: expected {NAME_RULE} (got {value!r})")

@@ -29,14 +29,17 @@ def _parse(value: str) -> Any:
 
 
 def compare_studies(studies: list[str], store: Path, results: Path, name: str) -> dict[str, Path]:
-    """Each study's newest finished run, compared along the config keys in which the studies differ."""
+    """Each study's newest finished run, wherever it ran (simulate or a sweep), compared along the config keys in which
+    the studies differ."""
     uri = existing_uri(store)
     client = open_client(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
     runs = []
     for study in studies:
-        experiment = client.get_experiment_by_name(study)
-        found = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'",
-                                   order_by=["attributes.start_time DESC"], max_results=1) if experiment else []
+        # a study run by `permanence simulate` (its own experiment) or a timeline of a sweep (the sweep's experiment)
+        found = client.search_runs(experiments, f"tags.study = '{study}' and tags.`permanence.role` = 'timeline' and "
+                                   "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
+                                   max_results=1) if experiments and "'" not in study else []
         if not found:
             raise PermanenceError(f"--study {study}: no finished run of that study in {uri}")
         runs.append(found[0])
