@@ -66,7 +66,7 @@ def policy_sweep(sweep: Any, store_dir: Path = Path("mlruns"), results_dir: Path
         try:
             return _run(sweep, store, parent, results_dir, on_progress)
         except BaseException as err:  # an interrupt, or a fault of the sweep itself: no parent left RUNNING
-            store.client.set_terminated(parent, status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            store.finish(parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", {})
             raise
 
 
@@ -111,8 +111,8 @@ def _run(sweep: Any, store: SweepStore, parent: str, results_dir: Path,
 
 
 def _outcome(future: Any) -> Any:
-    """A task's result, or the exception it failed with, or the one that fetching its outcome raised (a result
-    Dask could not move): a sweep reports a failed task on its line and goes on with the others."""
+    """A task's result, or the exception it failed with, or the one Dask gave up with (its worker died, KilledWorker,
+    or its outcome could not be moved): a sweep reports a failed task on its line and goes on with the others."""
     try:
         return future.result(raise_on_failure=False)
     except Exception as err:

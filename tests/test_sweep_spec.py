@@ -131,7 +131,7 @@ def test_bad_sweep_file_is_one_line_exit_2_and_writes_nothing(case, tmp_path, mo
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "results").exists()
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1:8786", "http://127.0.0.1:8786", "tcp://127.0.0.1", "tcp://host:port"])
+@pytest.mark.parametrize("address", ["localhost", "http://127.0.0.1:8786", "tcp://127.0.0.1", "tcp://host:port"])
 def test_a_malformed_scheduler_address_is_one_line_naming_where_it_came_from(address, tmp_path, monkeypatch):
     path = _write(tmp_path, "name: s\nconfig: CONFIG\ngrid: {update.policy: [stlr, finetune]}\n")
     monkeypatch.chdir(tmp_path)
@@ -143,8 +143,18 @@ def test_a_malformed_scheduler_address_is_one_line_naming_where_it_came_from(add
     for result, named in ((given, f"--address {address}"), (from_env, f"DASK_SCHEDULER_ADDRESS={address}")):
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.exit_code == 2 and len(lines) == 1, result.stderr
-        assert lines[0].startswith(f"error: {named}: not a Dask scheduler address; expected SCHEME://HOST:PORT"), lines
+        assert lines[0].startswith(f"error: {named}: not a Dask scheduler address; expected [SCHEME://]HOST:PORT"), lines
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:8786", "tcp://127.0.0.1:8786", "tls://scheduler:8786"])
+def test_an_address_dask_accepts_passes_the_check(address, tmp_path, monkeypatch):
+    """A host:port without a scheme is tcp, as Dask's Client reads it; the dry run connects to nothing."""
+    path = _write(tmp_path, "name: s\nconfig: CONFIG\ngrid: {update.policy: [stlr, finetune]}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    result = CliRunner().invoke(app, ["sweep", str(path), "--address", address, "--dry-run"])
+    assert result.exit_code == 0, result.stderr
 
 
 def test_missing_file_and_set_on_an_axis(tmp_path, monkeypatch):
@@ -247,6 +257,7 @@ control: false
     ([], "compare: give a finished sweep's name or one or more --study"),
     (["s", "--study", "a"], "not both"),
     (["--study", "a", "--study", "b", "--study", "a"], "compare: --study a is given more than once"),
+    (["--study", "it's"], "compare: --study \"it's\": not a study's name"),
 ])
 def test_compare_refuses_names_that_are_not_identifiers_before_writing(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from permanence.config import load_config
+from permanence.config import STUDY_NAME, STUDY_RULE, load_config
 from permanence.errors import PermanenceError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Permanence: how long does a one-shot backdoor survive retraining?")
@@ -147,17 +147,17 @@ def show(
 
 
 def _check_address(address: str, named: str) -> None:
-    """Fail in one line when `address` is not of the form a Dask client connects to."""
+    """Fail in one line when `address` is not of the form a Dask client connects to (no scheme means tcp)."""
     from distributed.comm.addressing import parse_address, parse_host_port
     from distributed.comm.registry import backends, get_backend
 
     try:
-        scheme, location = parse_address(address, strict=True)
+        scheme, location = parse_address(address)
         get_backend(scheme)
         if scheme in ("tcp", "tls", "ws", "wss"):
             parse_host_port(location)
     except ValueError:
-        fail(f"{named}: not a Dask scheduler address; expected SCHEME://HOST:PORT with SCHEME one of "
+        fail(f"{named}: not a Dask scheduler address; expected [SCHEME://]HOST:PORT with SCHEME one of "
              f"{', '.join(sorted(backends))} (e.g. tcp://127.0.0.1:8786)")
 
 
@@ -306,6 +306,9 @@ def compare(
         fail("compare: give a sweep name or one or more --study, not both")
     if name is None and not studies:
         fail("compare: give a finished sweep's name or one or more --study")
+    unnamed = next((study for study in studies if not STUDY_NAME.fullmatch(study)), None)
+    if unnamed is not None:
+        fail(f"compare: --study {unnamed!r}: not a study's name ({STUDY_RULE})")
     repeated = sorted({study for study in studies if studies.count(study) > 1})
     if repeated:
         fail(f"compare: --study {repeated[0]} is given more than once")

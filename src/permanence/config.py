@@ -20,6 +20,9 @@ from permanence.errors import PermanenceError
 from permanence.models import MODELS
 from permanence.policies import POLICIES
 
+STUDY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")  # a study's name: an MLflow experiment and model name too
+STUDY_RULE = "letters, digits, '_' or '-', starting with a letter or '_'"  # what STUDY_NAME accepts
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -248,8 +251,8 @@ class Config(Section):
     @field_validator("study")
     @classmethod
     def _study_identifier(cls, study: str) -> str:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}", study):
-            raise ValueError("must be an identifier: letters, digits, '_' or '-', starting with a letter or '_'")
+        if not STUDY_NAME.fullmatch(study):
+            raise ValueError(f"must be an identifier: {STUDY_RULE}")
         return study
 
     @model_validator(mode="after")

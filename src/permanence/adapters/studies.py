@@ -39,7 +39,7 @@ def compare_studies(studies: list[str], store: Path, results: Path, name: str) -
         # a study run by `permanence simulate` (its own experiment) or a timeline of a sweep (the sweep's experiment)
         found = client.search_runs(experiments, f"tags.study = '{study}' and tags.`permanence.role` = 'timeline' and "
                                    "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
-                                   max_results=1) if experiments and "'" not in study else []
+                                   max_results=1) if experiments else []
         if not found:
             raise PermanenceError(f"--study {study}: no finished run of that study in {uri}")
         runs.append(found[0])
