@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from permanence.config import STUDY_NAME, STUDY_RULE, load_config
+# the heavy imports (the core pulls in torch and torchvision: seconds) happen inside each command, so that
+# `permanence --help` and a usage error answer at once
 from permanence.errors import PermanenceError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Permanence: how long does a one-shot backdoor survive retraining?")
@@ -57,6 +58,8 @@ def simulate(
                                                         "fixed folder (what dvc.yaml tracks)")] = None,
 ) -> None:
     """Run (or resume) a study through the Prefect flow, tracked in MLflow."""
+    from permanence.config import load_config
+
     overrides = list(set_) + ([f"study={study}"] if study is not None else [])
     try:
         cfg = load_config(config, overrides)
@@ -118,6 +121,7 @@ def show(
 ) -> None:
     """Print a study's timeline, and where its MLflow run and registered versions are."""
     from permanence.adapters.outputs import read_timeline_csv
+    from permanence.config import load_config
 
     if study is None:
         try:
@@ -300,6 +304,7 @@ def compare(
 ) -> None:
     """Re-render a sweep's comparison (or one of several studies) from MLflow, without running anything."""
     from permanence.adapters.studies import compare_studies, compare_sweep
+    from permanence.config import STUDY_NAME, STUDY_RULE
     from permanence.sweep import NAME, NAME_RULE
 
     if name is not None and studies:
