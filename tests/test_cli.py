@@ -114,7 +114,8 @@ def test_help_and_usage_errors_answer_without_importing_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
-    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        import permanence
+    import permanence
 
+    assert sorted(permanence.__all__) == sorted(permanence._EXPORTS), "every exported name loads on first use"
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         permanence.nothing

@@ -24,7 +24,10 @@ _EXPORTS = {
     "simulate": "permanence.simulation",
     "Timeline": "permanence.timeline", "VersionRecord": "permanence.timeline",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Config", "EpochEnd", "PermanenceError", "Simulation", "Timeline", "VersionEnd", "VersionRecord",
+    "build_config", "load_config", "simulate",
+]
 __version__ = "0.1.0"
 
 

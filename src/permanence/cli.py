@@ -221,8 +221,6 @@ def sweep(
     """Run (or resume) a grid of timelines on Dask through Prefect and write the comparison."""
     import os
 
-    from permanence.sweep import load_sweep
-
     source = ctx.get_parameter_source("address")  # a ParameterSource of Typer's own copy of click, or of click
     from_env = source is not None and source.name == "ENVIRONMENT"
     named = f"DASK_SCHEDULER_ADDRESS={address}" if from_env else f"--address {address}"
@@ -230,6 +228,8 @@ def sweep(
         _check_address(address, named)
     if address and not dry_run:
         _check_scheduler(address, named)  # first: an address that does not answer is told within seconds
+    from permanence.sweep import load_sweep  # the core: torch and torchvision, seconds of imports
+
     try:
         if workers is not None and workers < 1:
             raise PermanenceError(f"--workers: must be >= 1 (got {workers})")
