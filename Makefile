@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STUDY ?=
+# the tests run file by file on this many pytest-xdist workers (0: in this process, one after another)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install bench-small clean
 
@@ -19,7 +21,7 @@ demo: install
 	$(BIN)/permanence simulate --config params.yaml $(if $(STUDY),--study $(STUDY))
 
 test: install
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench-small: install
 	for f in sweeps/paper/f*.yaml; do $(BIN)/permanence sweep $$f --no-progress || exit 1; done

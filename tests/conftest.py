@@ -7,7 +7,18 @@ import torch
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # the suite's MLflow Model templates (and their subprocesses') in a cache of its own, not the user's
 os.environ.setdefault("PERMANENCE_CACHE_DIR", tempfile.mkdtemp(prefix="permanence-test-cache-"))
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# and a Prefect home of its own: each pytest process's in-process flows start a temporary Prefect server on it, and two
+# `make test` workers migrating one fresh database at once would race (as MLflow's did)
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="permanence-test-prefect-"))
+# `make test` runs files on pytest-xdist workers side by side: each worker's torch gets its share of the cores
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // WORKERS))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow files (marked pipeline) first: `make test` hands out whole files to its workers in this order, so the
+    quick ones fill in at the end instead of a sweep file starting last."""
+    items.sort(key=lambda item: item.get_closest_marker("pipeline") is None)
 
 
 @pytest.fixture

@@ -1,0 +1,134 @@
+"""Sweeps on local Dask clusters and simulates side by side: 4 simulates at once on a fresh store, a study already
+being run, the local cluster's worker settings, the start order and the shared probe baseline on one worker, and an
+address that does not answer."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sweeping import BIN, CELL, ROOT, VERSIONS, _client, _env, _free_port, _sweep, serve_prefect
+
+pytestmark = pytest.mark.pipeline
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server(tmp_path_factory):
+    yield from serve_prefect(tmp_path_factory)
+
+
+def test_unreachable_address_fails_fast_in_one_line(tmp_path):
+    started = time.time()
+    done = subprocess.run(_sweep(tmp_path, "--address", f"tcp://127.0.0.1:{_free_port()}"), cwd=tmp_path,
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert time.time() - started < 30
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and "no Dask scheduler answered" in lines[0], done.stderr
+    assert not (tmp_path / "mlruns").exists()
+
+
+def _simulate(tmp: Path, study: str) -> list[str]:
+    sets = [x for a in [*CELL, f"study={study}"] for x in ("--set", a)]
+    return [str(BIN / "permanence"), "simulate", "--config", str(ROOT / "params.yaml"), *sets, "--no-progress",
+            "--results", str(tmp / "results"), "--store", str(tmp / "mlruns")]
+
+
+def test_four_simulates_at_once_on_a_fresh_store_all_finish(tmp_path):
+    procs = [subprocess.Popen(_simulate(tmp_path, f"study{i}"), cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in range(4)]
+    for proc in procs:
+        assert proc.wait(timeout=900) == 0, proc.stderr.read()[-3000:]
+    client = _client(tmp_path)
+    for i in range(4):
+        versions = client.search_model_versions(f"name='study{i}'")
+        assert sorted(int(v.tags["update"]) for v in versions) == list(range(VERSIONS))
+        run = client.get_run(versions[0].run_id)
+        assert run.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "clean_acc")) == list(range(VERSIONS))
+
+
+def test_a_study_already_being_run_stops_with_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from permanence.adapters.mlflow_store import StudyLock, tracking_uri
+    from permanence.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with StudyLock(tracking_uri(tmp_path / "mlruns"), "busy"):  # another process holds it (an OS file lock)
+        result = CliRunner().invoke(app, ["simulate", "--config", str(ROOT / "params.yaml"), "--study", "busy",
+                                          *[x for a in CELL for x in ("--set", a)], "--no-progress",
+                                          "--store", str(tmp_path / "mlruns"), "--results", str(tmp_path / "results")])
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "Prefect" not in line]
+    assert result.exit_code == 2, result.output
+    assert any("'busy' is being run by another process right now" in line for line in lines), result.stderr
+    client = _client(tmp_path)
+    experiment = client.get_experiment_by_name("busy")
+    assert experiment is None or not client.search_runs([experiment.experiment_id]), "no run was started"
+
+
+LOCAL_WORKERS = """
+from permanence.adapters.flow_loader import load_flow
+from distributed import Client, LocalCluster
+import json, os
+
+if __name__ == "__main__":
+    runner = load_flow("sweep").task_runner(1, None)
+    with LocalCluster(**runner.cluster_kwargs) as cluster, Client(cluster) as client:
+        seen = client.run(lambda: (__import__("dask").config.get("distributed.worker.profile.enabled"),
+                                   os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+                                   "permanence.adapters.sweep_tasks" in __import__("sys").modules))
+    print(json.dumps(list(seen.values())))
+"""
+
+
+def test_the_local_clusters_workers_run_without_dasks_profiler_and_malloc_trim_with_the_tasks_imported(tmp_path):
+    script = tmp_path / "workers.py"
+    script.write_text(LOCAL_WORKERS)
+    env = {k: v for k, v in _env(tmp_path).items() if k != "MALLOC_TRIM_THRESHOLD_"}  # Dask's nanny would add it
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [[False, None, True]]
+
+
+@pytest.fixture(scope="module")
+def one_worker_sweep(tmp_path_factory):
+    """One seed of static, finetune and ft_sam with the BEC probe, on a local cluster of one worker (so the start order
+    is the submission order); returns its runs, the MLflow client and its folder. One sweep for both tests below, since
+    each local cluster starts a worker that imports torch, Prefect and MLflow."""
+    tmp = tmp_path_factory.mktemp("one-worker")
+    path = tmp / "probed.yaml"
+    path.write_text(f"name: probed\nconfig: {ROOT / 'params.yaml'}\n"
+                    f"base: {json.dumps(CELL + ['eval.bec=true', 'eval.probe_images=50'])}\n"
+                    "grid:\n  update.policy: [static, finetune, ft_sam]\nseeds: 1\ncontrol: false\n")
+    done = subprocess.run([str(BIN / "permanence"), "sweep", str(path), "--workers", "1", "--results",
+                           str(tmp / "results"), "--store", str(tmp / "mlruns"), "--no-progress"],
+                          cwd=tmp, env=_env(tmp), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    client = _client(tmp)
+    return client.search_runs([client.get_experiment_by_name("probed").experiment_id]), client, tmp
+
+
+def test_timelines_start_costliest_first(one_worker_sweep):
+    """On one local worker the start order is the submission order: ft_sam (cost 2.3), finetune (1), static (0)."""
+    runs, _, _ = one_worker_sweep
+    timelines = [r for r in runs if r.data.tags.get("permanence.role") == "timeline"]
+    started = [r.data.tags["study"] for r in sorted(timelines, key=lambda r: r.info.start_time)]
+    assert started == ["probed-ft_sam-s0", "probed-finetune-s0", "probed-static-s0"], started
+
+
+def test_a_sweep_with_probes_shares_the_never_poisoned_baseline(one_worker_sweep):
+    """The dormancy probes' baseline is a shared model too: each timeline is submitted once both it and M0 exist."""
+    runs, client, tmp = one_worker_sweep
+    roles = sorted(r.data.tags.get("permanence.role", "") for r in runs if r.info.status == "FINISHED")
+    assert roles == ["m0", "m0", "sweep", "timeline", "timeline", "timeline"], roles  # M0 and its clean baseline, once each
+    for run in runs:
+        if run.data.tags.get("permanence.role") == "timeline":  # loaded the shared baseline, did not train its own
+            assert "baseline" not in {a.path for a in client.list_artifacts(run.info.run_id)}
+    rows = list(csv.DictReader((tmp / "results" / "probed" / "cells.csv").open()))
+    assert len(rows) == 3 and all(math.isfinite(float(r["bec_final"])) for r in rows), rows
