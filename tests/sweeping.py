@@ -39,9 +39,10 @@ def _env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def serve_prefect(tmp_path_factory):
-    """One `prefect server start` for a module (its autouse fixture), as a team runs one: every flow and worker
-    reports to it."""
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server(tmp_path_factory):
+    """One `prefect server start` for each module that imports this fixture, as a team runs one: every flow and
+    worker reports to it."""
     import httpx
 
     tmp = tmp_path_factory.mktemp("prefect-server")
@@ -74,7 +75,7 @@ def _sweep_file(tmp: Path) -> Path:
     return path
 
 
-def _sweep(tmp: Path, *args: str, **popen) -> list[str]:
+def _sweep(tmp: Path, *args: str) -> list[str]:
     return [str(BIN / "permanence"), "sweep", str(_sweep_file(tmp)), "--results", str(tmp / "results"),
             "--store", str(tmp / "mlruns"), "--no-progress", *args]
 

@@ -239,3 +239,15 @@ def test_compare_studies_reads_a_simulated_study_from_its_own_experiment(study, 
     rows = list(csv.DictReader(files["cells"].open()))
     assert [(r["study"], r["mlflow_run_id"]) for r in rows] == [("tiny", newest.info.run_id)]
     assert float(rows[0]["final_asr"]) == pytest.approx(newest.data.metrics["asr"])
+
+
+def test_all_experiments_reads_every_page_of_the_store(tmp_path):
+    """compare --study looks for a study in every experiment: one search_experiments call stops at its page size."""
+    from permanence.adapters.mlflow_store import all_experiments, open_client, tracking_uri
+
+    client = open_client(tracking_uri(tmp_path / "mlruns"))
+    for index in range(5):
+        client.create_experiment(f"e{index}")
+    assert len(client.search_experiments(max_results=2)) == 2
+    names = sorted(e.name for e in all_experiments(client, per_page=2))
+    assert names == ["Default", "e0", "e1", "e2", "e3", "e4"]

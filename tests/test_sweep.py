@@ -14,14 +14,9 @@ from pathlib import Path
 import pytest
 
 from sweeping import (BIN, CELL, ROOT, TIMELINES, VERSIONS, _cells, _check_store, _client, _env, _free_port, _sweep,
-                      serve_prefect)
+                      prefect_server)  # noqa: F401 (the module's autouse Prefect server)
 
 pytestmark = pytest.mark.pipeline
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server(tmp_path_factory):
-    yield from serve_prefect(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

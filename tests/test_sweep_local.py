@@ -12,14 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from sweeping import BIN, CELL, ROOT, VERSIONS, _client, _env, _free_port, _sweep, serve_prefect
+from sweeping import BIN, CELL, ROOT, VERSIONS, _client, _env, _free_port, _sweep, prefect_server  # noqa: F401 (autouse)
 
 pytestmark = pytest.mark.pipeline
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server(tmp_path_factory):
-    yield from serve_prefect(tmp_path_factory)
 
 
 def test_unreachable_address_fails_fast_in_one_line(tmp_path):

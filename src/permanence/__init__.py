@@ -12,10 +12,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from permanence.config import Config, build_config, load_config
-    from permanence.errors import PermanenceError
-    from permanence.simulation import EpochEnd, Simulation, VersionEnd, simulate
-    from permanence.timeline import Timeline, VersionRecord
+    from permanence.config import Config, build_config, load_config  # noqa: F401 (for type checkers)
+    from permanence.errors import PermanenceError  # noqa: F401
+    from permanence.simulation import EpochEnd, Simulation, VersionEnd, simulate  # noqa: F401
+    from permanence.timeline import Timeline, VersionRecord  # noqa: F401
 
 _EXPORTS = {
     "Config": "permanence.config", "build_config": "permanence.config", "load_config": "permanence.config",
@@ -24,10 +24,7 @@ _EXPORTS = {
     "simulate": "permanence.simulation",
     "Timeline": "permanence.timeline", "VersionRecord": "permanence.timeline",
 }
-__all__ = [
-    "Config", "EpochEnd", "PermanenceError", "Simulation", "Timeline", "VersionEnd", "VersionRecord",
-    "build_config", "load_config", "simulate",
-]
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
 

@@ -93,6 +93,14 @@ def open_client(uri: str):
     return client
 
 
+def all_experiments(client, per_page: int = 1000) -> list:
+    """Every active experiment of the store, page by page (one `search_experiments` call returns at most 1000)."""
+    from mlflow.utils import get_results_from_paginated_fn
+
+    return get_results_from_paginated_fn(
+        lambda count, token: client.search_experiments(max_results=count, page_token=token), per_page)
+
+
 def ensure_experiment(client, name: str, artifact_root: Path | None) -> str:
     """The experiment's id, creating it (model-training view, artifacts under `artifact_root`) if needed."""
     from mlflow.exceptions import MlflowException

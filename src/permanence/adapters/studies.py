@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from permanence.adapters.comparison import TimelineResult, differing_axes, write_comparison
-from permanence.adapters.mlflow_store import existing_uri, open_client
+from permanence.adapters.mlflow_store import all_experiments, existing_uri, open_client
 from permanence.adapters.sweep_store import SweepStore, read_timeline_artifacts
 from permanence.errors import PermanenceError
 
@@ -33,7 +33,7 @@ def compare_studies(studies: list[str], store: Path, results: Path, name: str) -
     the studies differ."""
     uri = existing_uri(store)
     client = open_client(uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
+    experiments = [e.experiment_id for e in all_experiments(client)]
     runs = []
     for study in studies:
         # a study run by `permanence simulate` (its own experiment) or a timeline of a sweep (the sweep's experiment)

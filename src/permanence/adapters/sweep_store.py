@@ -13,7 +13,7 @@ import torch
 
 from permanence.adapters.comparison import TimelineResult
 from permanence.adapters.mlflow_store import (
-    PARENT_TAG, ModelSpec, artifact_root, ensure_experiment, existing_uri, open_client, write_mlflow_model, tracking_uri,
+    PARENT_TAG, ModelSpec, all_experiments, artifact_root, ensure_experiment, existing_uri, open_client, write_mlflow_model, tracking_uri,
 )
 from permanence.errors import PermanenceError
 
@@ -35,7 +35,7 @@ class SweepStore:
             return
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
-            known = sorted(e.name for e in self.client.search_experiments() if e.tags.get("permanence.kind") == "sweep")
+            known = sorted(e.name for e in all_experiments(self.client) if e.tags.get("permanence.kind") == "sweep")
             raise PermanenceError(f"compare: no sweep '{name}' in {self.uri}; sweeps there: {', '.join(known) or 'none'}")
         self.experiment_id = experiment.experiment_id
 
