@@ -265,3 +265,26 @@ def test_compare_refuses_names_that_are_not_identifiers_before_writing(args, mes
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_relative_config_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    """`config: params.yaml` in project/sweeps/paper/x.yaml names project/params.yaml, run from anywhere; the
+    working directory's own file comes first, and a file found nowhere is named as not found."""
+    project = tmp_path / "project"
+    (project / "sweeps" / "paper").mkdir(parents=True)
+    (project / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("  updates: 15", "  updates: 3"))
+    sweep_file = project / "sweeps" / "paper" / "x.yaml"
+    sweep_file.write_text("name: x\nconfig: params.yaml\ngrid: {update.policy: [stlr, finetune]}\ncontrol: false\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    sweep = load_sweep(sweep_file)
+    assert sweep.params == project / "params.yaml"
+    assert all(t.config.update.updates == 3 for t in sweep.timelines)
+
+    (elsewhere / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("  updates: 15", "  updates: 4"))
+    assert all(t.config.update.updates == 4 for t in load_sweep(sweep_file).timelines), "the working directory first"
+
+    sweep_file.write_text(sweep_file.read_text().replace("config: params.yaml", "config: other.yaml"))
+    with pytest.raises(PermanenceError, match=r"config: .*other\.yaml.*not found"):
+        load_sweep(sweep_file)

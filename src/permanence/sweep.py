@@ -1,7 +1,7 @@
 """Sweep files: a grid of timelines over seeds, attacks, drifts and policies, expanded and validated up front.
 
     name: policies
-    config: params.yaml            # the params file every cell starts from
+    config: params.yaml            # the params file every cell starts from (cwd, else the file's folder or above)
     base: [update.updates=15]      # overrides for every cell
     grid:                          # axis -> values; the cells are the cartesian product
       update.policy: "*"           # "*": every registered entry of a registry-backed axis
@@ -217,6 +217,17 @@ def _identity(config: Config) -> str:
     return json.dumps(raw, sort_keys=True)
 
 
+def _params_file(sweep_file: Path, params: Path) -> Path:
+    """Where a relative `config` is: the working directory, else the sweep file's folder or the nearest folder above
+    it that holds it (a project's sweeps/ or sweeps/paper/ file names the project's params.yaml from anywhere)."""
+    if params.is_absolute() or params.is_file():
+        return params
+    for folder in sweep_file.resolve().parents:
+        if (folder / params).is_file():
+            return folder / params
+    return params  # load_config names it as not found
+
+
 def load_sweep(path: str | Path, sets: list[str] | tuple[str, ...] = (), seeds: int | None = None,
                extra_base: list[str] | tuple[str, ...] = ()) -> Sweep:
     """Read, expand and validate a sweep file; `sets` apply to every cell (never to an axis), `seeds` replaces the
@@ -226,9 +237,7 @@ def load_sweep(path: str | Path, sets: list[str] | tuple[str, ...] = (), seeds: 
     name = raw.get("name")
     if not isinstance(name, str) or not NAME.fullmatch(name):
         _fail(path, f"name: expected {NAME_RULE} (got {name!r})")
-    params = Path(raw.get("config") or "params.yaml")
-    if not params.is_file() and (path.parent / params).is_file():
-        params = path.parent / params
+    params = _params_file(path, Path(raw.get("config") or "params.yaml"))
     base = raw.get("base") or []
     if not isinstance(base, list) or not all(isinstance(b, str) for b in base):
         _fail(path, "base: expected a list of key=value strings")
