@@ -1,15 +1,27 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 import torch
 
+
+def _scratch(prefix: str) -> str:
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# the suite's MLflow Model templates (and their subprocesses') in a cache of its own, not the user's
-os.environ.setdefault("PERMANENCE_CACHE_DIR", tempfile.mkdtemp(prefix="permanence-test-cache-"))
-# and a Prefect home of its own: each pytest process's in-process flows start a temporary Prefect server on it, and two
-# `make test` workers migrating one fresh database at once would race (as MLflow's did)
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="permanence-test-prefect-"))
+# the suite's MLflow Model templates (and their subprocesses') in a cache of its own, not the user's; shared by the
+# xdist workers, which inherit it from the controller (a template is written to a temporary folder and renamed)
+if "PERMANENCE_CACHE_DIR" not in os.environ:
+    os.environ["PERMANENCE_CACHE_DIR"] = _scratch("permanence-test-cache-")
+# and a Prefect home for each pytest process, set here even where one was inherited: each process's in-process flows
+# start a temporary Prefect server on it, and two `make test` workers migrating one fresh database at once would race
+# (as MLflow's did)
+os.environ["PREFECT_HOME"] = _scratch(f"permanence-test-prefect-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
 # `make test` runs files on pytest-xdist workers side by side: each worker's torch gets its share of the cores
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // WORKERS))
