@@ -105,7 +105,11 @@ BAD = {
     "seed as an axis": ("grid: {seed: [1, 2]}", r"grid: 'seed' cannot be an axis: a sweep's seeds come from its file's `seeds:`"),
     "bad value in base": ("base: [train.lr=fast]\ngrid: {update.policy: [stlr, finetune]}", r"^error: \S+sweep\.yaml: base: train\.lr: Input should be a valid number"),
     "study in base": ("base: [study=mine]\ngrid: {update.policy: [stlr]}", r"base: 'study=mine': a sweep names each timeline's study"),
-    "exclude matching no cell": ("grid: {attack.name: [badnets, blended]}\nexclude: [{attack.name: trojan}]", r"exclude: attack\.name=trojan matches no cell"),
+    "exclude of a value no axis has": ("grid: {attack.name: [badnets, blended]}\nexclude: [{attack.name: trojan}]",
+                                       r"exclude: attack\.name=trojan is not a value of that axis; its values: badnets, blended"),
+    "exclude matching no cell": ("cells: [{attack.name: badnets, update.policy: stlr}, {attack.name: blended, update.policy: fst}]\n"
+                                 "exclude: [{attack.name: badnets, update.policy: fst}]",
+                                 r"exclude: attack\.name=badnets, update\.policy=fst matches no cell"),
     "bad seeds": ("grid: {update.policy: [stlr]}\nseeds: 0", r"seeds: a count must be >= 1"),
     "repeated seeds": ("grid: {update.policy: [stlr]}\nseeds: [1, 1]", r"seeds: \[1, 1\] repeats a seed"),
     "unknown top-level key": ("gird: {update.policy: [stlr]}", r"unknown key 'gird'; allowed: name, config"),

@@ -199,8 +199,8 @@ def _dry_run(sweep) -> None:
     for m0, members in shares.items():
         first = members[0].config
         poisoned = f"{first.attack.name} in D0" if first.poisoning.inject == "d0" else "clean D0"
-        out.print(f"M0-{m0}: seed {first.seed}, {first.model.name} on {first.data.name}, {poisoned}: "
-                  f"shared by {len(members)} timelines")
+        uses = f"shared by {len(members)} timelines" if len(members) > 1 else "used by 1 timeline"
+        out.print(f"M0-{m0}: seed {first.seed}, {first.model.name} on {first.data.name}, {poisoned}: {uses}")
     out.print(f"{len(m0s)} M0s trained once each for {len(sweep.timelines)} timelines")
 
 

@@ -172,9 +172,13 @@ def _points(path: Path, raw: dict[str, Any]) -> tuple[list[str], list[dict[str, 
     if not isinstance(exclude, list) or not all(isinstance(e, dict) and e for e in exclude):
         _fail(path, "exclude: expected a list of non-empty mappings of axis -> value")
     for entry in exclude:
-        for key in entry:
+        for key, value in entry.items():
             if key not in axes:
                 _fail(path, f"exclude: '{key}' is not an axis of this sweep; axes: {', '.join(axes)}")
+            values = {json.dumps(p[key], sort_keys=True): p[key] for p in points if key in p}
+            if json.dumps(value, sort_keys=True) not in values:
+                _fail(path, f"exclude: {key}={value} is not a value of that axis; its values: "
+                            + ", ".join(str(v) for v in values.values()))
         if not any(_matches(p, entry) for p in points):
             _fail(path, f"exclude: {_where(entry).removeprefix('cell ')} matches no cell of the grid")
     points = [p for p in points if not any(_matches(p, e) for e in exclude)]

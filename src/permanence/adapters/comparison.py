@@ -186,7 +186,7 @@ def heatmap_png(axes: list[str], heat_axes: list[str], cells: list[dict[str, Any
     col_values = list(dict.fromkeys(c[cols_axis] for c in cells)) if cols_axis else [None]
     updates = max(int(r["version"]) for res in kept for r in res.rows)  # the most survivability can be
     fig, axs = plt.subplots(1, len(panels), figsize=(1.2 + 1.6 * len(col_values) * len(panels), 1.2 + 0.55 * len(row_values)),
-                            dpi=110, squeeze=False)
+                            dpi=110, squeeze=False, layout="constrained")  # keeps the title above the panels' titles
     for ax, panel in zip(axs[0], panels):
         grid = np.full((len(row_values), len(col_values)), np.nan)
         spread = np.zeros_like(grid)
