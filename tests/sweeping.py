@@ -80,15 +80,16 @@ def _sweep(tmp: Path, *args: str) -> list[str]:
             "--store", str(tmp / "mlruns"), "--no-progress", *args]
 
 
-def _client(tmp: Path):
+def _client(tmp: Path, uri: str | None = None):
+    """The sweep's store: the local one under `tmp`, or the tracking server at `uri`."""
     from mlflow import MlflowClient
 
-    return MlflowClient(f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}")
+    return MlflowClient(uri or f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}")
 
 
-def _check_store(tmp: Path) -> None:
+def _check_store(tmp: Path, uri: str | None = None) -> None:
     """Every timeline in one store: nested under the parent, one registered model each, no lost step or version."""
-    client = _client(tmp)
+    client = _client(tmp, uri)
     experiment = client.get_experiment_by_name("tiny")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
@@ -108,7 +109,9 @@ def _check_store(tmp: Path) -> None:
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "asr"))
         assert steps == list(range(VERSIONS)), study
         first = next(v for v in versions if v.tags["update"] == "0")
-        assert any(first.source == f"{m0.info.artifact_uri}/m0" for m0 in m0s), "M0 registered from the shared artifact"
+        assert any(first.source == f"{m0.info.artifact_uri}/m0" and first.run_id == m0.info.run_id for m0 in m0s), \
+            "M0 registered from the shared artifact, as a version of the run that holds it"
+        assert {v.tags["timeline_run_id"] for v in versions} == {run.info.run_id}, "every version names its timeline"
     artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"cells.csv", "comparison.csv", "comparison.md", "heatmap.png", "curves.png", "sweep.json"} <= artifacts
 

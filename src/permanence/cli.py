@@ -147,7 +147,7 @@ def show(
         from permanence.adapters.mlflow_store import PRODUCTION
 
         out.print(f"  registry: models:/{summary['registered_model']}@{PRODUCTION} -> version {rows[-1]['model_version']}; "
-                  f"MLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']}")
+                  f"MLflow UI: {_ui_hint(summary['tracking_uri'])}")
 
 
 def _check_address(address: str, named: str) -> None:
@@ -277,6 +277,15 @@ def sweep(
     _print_sweep(summary)
 
 
+def _ui_hint(uri: str, experiment_id: str | None = None) -> str:
+    """Where a person sees the runs: a tracking server is its own UI; a local store needs `mlflow ui`. MLflow 3.17's
+    UI opens every experiment in its GenAI view unless the URL asks for the model-training one."""
+    page = f"/#/experiments/{experiment_id}?workflowType=machine_learning" if experiment_id else ""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}{page}"
+    return f"mlflow ui --backend-store-uri {uri}" + (f", then open http://127.0.0.1:5000{page}" if page else "")
+
+
 def _print_sweep(summary: dict) -> None:
     files = summary["files"]
     if "markdown" in files:
@@ -284,9 +293,7 @@ def _print_sweep(summary: dict) -> None:
     out.print(f"[bold]{summary['sweep']}[/]: {summary['timelines']} timelines ({summary['finished_before']} finished "
               f"before); comparison in {Path(files['cells']).parent if files else '-'}/")
     out.print(f"  MLflow: parent run {summary['parent_run_id']} at {summary['tracking_uri']} "
-              f"(mlflow ui --backend-store-uri {summary['tracking_uri']}, then open "
-              f"http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}?workflowType=machine_learning: "
-              f"MLflow 3.17's UI opens every experiment in its GenAI view unless the URL asks otherwise)", soft_wrap=True)
+              f"({_ui_hint(summary['tracking_uri'], summary['experiment_id'])})", soft_wrap=True)
     problems = {**summary["failures"], **{s: "no finished run" for s in summary["missing"] if s not in summary["failures"]}}
     for study, error in problems.items():
         console.print(f"[bold red]failed:[/] {study}: {error}", highlight=False, soft_wrap=True)

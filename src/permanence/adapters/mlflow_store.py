@@ -35,6 +35,7 @@ from permanence.errors import PermanenceError
 DEFAULT_STORE = Path("mlruns")
 PRODUCTION = "production"
 WEIGHTS = "weights.pt"
+TIMELINE_RUN = "timeline_run_id"  # version tag: the timeline run a version belongs to
 INPUT_SPEC = "input.json"
 # MLflow 3.x opens an experiment in its GenAI view unless it carries this tag
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -373,10 +374,12 @@ class StudyStore:
 
         done: dict[int, CompletedVersion] = {}
         try:
-            found = self.client.search_model_versions(f"name='{self.name}' and run_id='{self.run_id}'")
+            found = self.client.search_model_versions(f"name='{self.name}'")
         except MlflowException:
             found = []
         for mv in found:
+            if _timeline_run(mv) != self.run_id:
+                continue
             if "record" in mv.tags:
                 update = int(mv.tags["update"])
                 done[update] = CompletedVersion(update, mv.version, json.loads(mv.tags["record"]))
@@ -396,8 +399,11 @@ class StudyStore:
         }
 
     def _create_version(self, record: dict[str, Any], source: str, run_id: str) -> str:
+        """`run_id`: the run whose artifacts hold `source` (an MLflow server refuses any other); the timeline's run
+        is in the TIMELINE_RUN tag, which differs from the version's run for a sweep's shared M0."""
         self._ensure_registered_model()
-        mv = self.client.create_model_version(self.name, source=source, run_id=run_id, tags=self._tags(record))
+        tags = {**self._tags(record), TIMELINE_RUN: self.run_id}
+        mv = self.client.create_model_version(self.name, source=source, run_id=run_id, tags=tags)
         self.client.set_registered_model_alias(self.name, PRODUCTION, mv.version)
         return mv.version
 
@@ -410,9 +416,10 @@ class StudyStore:
             self._artifact_uri = self.client.get_run(self.run_id).info.artifact_uri
         return self._create_version(record, f"{self._artifact_uri}/{folder}", self.run_id)
 
-    def register_shared(self, record: dict[str, Any], source: str) -> str:
-        """Register a model logged elsewhere (a sweep's shared M0) as this timeline's version, same artifact."""
-        return self._create_version(record, source, self.run_id)
+    def register_shared(self, record: dict[str, Any], source: str, source_run_id: str) -> str:
+        """Register a model logged by another run (a sweep's shared M0, `source` in run `source_run_id`) as this
+        timeline's version, from the same artifact."""
+        return self._create_version(record, source, source_run_id)
 
     def point_production_at(self, registry_version: str) -> None:
         self.client.set_registered_model_alias(self.name, PRODUCTION, registry_version)
@@ -420,15 +427,20 @@ class StudyStore:
     def load_production(self, expected_update: int) -> dict[str, torch.Tensor]:
         """Weights of the version `production` points to; it must be this run's version `expected_update`."""
         mv = self.client.get_model_version_by_alias(self.name, PRODUCTION)
-        if mv.run_id != self.run_id or int(mv.tags.get("update", -1)) != expected_update:
+        if _timeline_run(mv) != self.run_id or int(mv.tags.get("update", -1)) != expected_update:
             raise RuntimeError(
                 f"registry: alias '{PRODUCTION}' of {self.name} points to version {mv.version} "
-                f"(run {mv.run_id}, update {mv.tags.get('update')}), expected update {expected_update} of run {self.run_id}"
+                f"(run {_timeline_run(mv)}, update {mv.tags.get('update')}), expected update {expected_update} of run {self.run_id}"
             )
         return load_weights(self.uri, mv.source)
 
     def load_version(self, registry_version: str) -> dict[str, torch.Tensor]:
         return load_weights(self.uri, self.client.get_model_version(self.name, registry_version).source)
+
+
+def _timeline_run(mv: Any) -> str:
+    """The timeline run a registered version belongs to (versions registered before the tag existed: their run)."""
+    return mv.tags.get(TIMELINE_RUN, mv.run_id)
 
 
 def register_simulated(config: Config, store: Path = DEFAULT_STORE):

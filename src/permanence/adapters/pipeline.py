@@ -112,7 +112,7 @@ def scheduled_update(sim: Simulation, store: StudyStore, model, production: dict
 @task(**RETRIES)
 def register(store: StudyStore, record: dict[str, Any], model, spec: ModelSpec, shared: SharedModel | None = None) -> str:
     if shared is not None:
-        version = store.register_shared(record, shared.source)
+        version = store.register_shared(record, shared.source, shared.run_id)
     else:
         version = store.register_version(record, state_on_cpu(model), spec)
     store.log_step({**record, "model_version": version})
