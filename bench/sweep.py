@@ -94,6 +94,25 @@ def update_seconds(results: Path) -> float:
                for path in results.glob("**/timeline.csv") for row in read_timeline_csv(path) if int(row["update"]) > 0)
 
 
+def print_sweep_phases(summary: dict, started_at: float, workers: int) -> float:
+    """Where the sweep's wall time went, from its MLflow runs' start and end times: start-up until the first shared M0
+    was logged, the timelines (their summed seconds against their span), the comparison at the end. Returns the
+    timelines' summed seconds."""
+    from permanence.adapters.mlflow_store import open_client
+
+    runs = open_client(summary["tracking_uri"]).search_runs([summary["experiment_id"]], max_results=10000)
+    by_role = lambda role: [r for r in runs if r.data.tags.get("permanence.role") == role]  # noqa: E731
+    m0_logged = min(r.info.end_time for r in by_role("m0")) / 1000 - started_at
+    timelines = by_role("timeline")
+    first, last = min(r.info.start_time for r in timelines) / 1000, max(r.info.end_time for r in timelines) / 1000
+    busy = sum((r.info.end_time - r.info.start_time) / 1000 for r in timelines)
+    parent_end = max(r.info.end_time for r in by_role("sweep")) / 1000
+    print(f"  sweep phases: first M0 logged after {m0_logged:.1f} s (cluster start, workers' imports, M0 training); "
+          f"{len(timelines)} timelines {busy:.1f} worker-s in {last - first:.1f} s ({busy / (workers * (last - first)):.0%} "
+          f"of {workers} workers); {parent_end - last:.1f} s after the last one", flush=True)
+    return busy
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", default=str(ROOT / "bench" / "sweep.yaml"))
@@ -126,7 +145,7 @@ def main() -> None:
         open_client(tracking_uri(store / "mlruns"))  # create each database before any clock starts
 
     with shared_api(), local_flow_settings():  # as `permanence sweep` / `simulate` run their flows
-        t0 = time.perf_counter()
+        t0, started_at = time.perf_counter(), time.time()
         with ProcessCPU() as cpu:
             summary = sweep_flow.policy_sweep.with_options(task_runner=sweep_flow.task_runner(args.workers, None))(
                 sweep, store_dir=stores["sweep"] / "mlruns", results_dir=stores["sweep"] / "results")
@@ -134,6 +153,7 @@ def main() -> None:
         assert not summary["failures"], summary["failures"]
         print(f"sweep ({args.workers} workers, shared M0s): {swept:.1f} s", flush=True)
         print_cpu("sweep", cpu, swept)
+        timeline_seconds = print_sweep_phases(summary, started_at, args.workers)
 
         t0 = time.perf_counter()
         with ProcessCPU() as cpu:
@@ -158,6 +178,8 @@ def main() -> None:
     print(f"updates' core seconds, summed: {in_workers:.1f} in the sweep's workers (1 torch thread each), "
           f"{in_process:.1f} in one process ({torch.get_num_threads()} threads)", flush=True)
     print(f"ceiling of the updates' speedup from {args.workers} workers: {args.workers * in_process / in_workers:.2f}")
+    print(f"best speedup with no sweep start-up (the timelines alone, perfectly packed): "
+          f"{sequential / (timeline_seconds / args.workers):.2f}")
     print(f"sweep_speedup={sequential / swept:.3f}")
 
 
