@@ -2,6 +2,7 @@
 checks. Imported by tests/test_sweep.py (an external Dask cluster) and tests/test_sweep_local.py (local clusters and
 simulates), which `make test` runs side by side."""
 
+import contextlib
 import csv
 import json
 import os
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,30 +45,39 @@ def _env(tmp: Path) -> dict[str, str]:
 def prefect_server(tmp_path_factory):
     """One `prefect server start` for each module that imports this fixture, as a team runs one: every flow and
     worker reports to it."""
-    import httpx
-
     tmp = tmp_path_factory.mktemp("prefect-server")
     port = _free_port()
-    env = _env(tmp)
-    log = (tmp / "server.log").open("w")
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-ui"], env=env, stdout=log, stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
+    with serving([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+                 f"{url}/health", tmp):
+        PREFECT_API["PREFECT_API_URL"] = url
+        yield url
+        PREFECT_API.clear()
+
+
+@contextlib.contextmanager
+def serving(command: list[str], health: str, tmp: Path) -> Iterator[None]:
+    """Start a server as its users do (its own session, logging to tmp/server.log), wait until `health` answers 200,
+    and stop it (SIGTERM to its process group) on the way out."""
+    import httpx
+
+    log = (tmp / "server.log").open("w")
+    server = subprocess.Popen(command, env=_env(tmp), stdout=log, stderr=log, start_new_session=True)
     deadline = time.time() + 180
-    while time.time() < deadline:
+    while time.time() < deadline and server.poll() is None:
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if httpx.get(health, timeout=2).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     else:
-        pytest.fail("prefect server did not start: " + (tmp / "server.log").read_text()[-2000:])
-    PREFECT_API["PREFECT_API_URL"] = url
-    yield url
-    PREFECT_API.clear()
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=60)
+        pytest.fail(f"{Path(command[0]).name} server did not start: " + (tmp / "server.log").read_text()[-2000:])
+    try:
+        yield
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
 
 
 def _sweep_file(tmp: Path) -> Path:

@@ -2,46 +2,24 @@
 default), every command pointed at it with MLFLOW_TRACKING_URI. The server checks what a local store does not, such
 as that a model version's source lies in the artifacts of the run it names."""
 
-import os
-import signal
 import subprocess
-import time
 
 import pytest
 
-from sweeping import BIN, TIMELINES, _check_store, _client, _env, _free_port, _sweep, prefect_server  # noqa: F401 (autouse)
+from sweeping import BIN, TIMELINES, _check_store, _client, _env, _free_port, _sweep, prefect_server, serving  # noqa: F401 (autouse)
 
 pytestmark = pytest.mark.pipeline
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    import httpx
-
     tmp = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log = (tmp / "server.log").open("w")
-    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-                               "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1"],
-                              env=_env(tmp), stdout=log, stderr=log, start_new_session=True)
+    port = str(_free_port())
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None:
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("mlflow server did not start: " + (tmp / "server.log").read_text()[-2000:])
-    assert server.poll() is None, (tmp / "server.log").read_text()[-2000:]
-    yield uri
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=60)
+    with serving([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+                  "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", port,
+                  "--workers", "1"], f"{uri}/health", tmp):
+        yield uri
 
 
 def test_a_sweep_and_an_audit_through_an_mlflow_server(tmp_path, mlflow_server):
