@@ -119,3 +119,21 @@ def test_help_and_usage_errors_answer_without_importing_torch():
     assert sorted(permanence.__all__) == sorted(permanence._EXPORTS), "every exported name loads on first use"
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         permanence.nothing
+
+
+def test_the_console_script_leaves_what_it_imported_out_of_the_exit_collections():
+    """On every way out (here a bad input, exit 2) the live objects are frozen before the interpreter shuts down, and
+    the exit handlers still run."""
+    script = ("import atexit, gc, sys\nfrom permanence.cli import main\n"
+              "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+              "sys.argv = ['permanence', 'simulate', '--config', 'no-such-params.yaml']\nmain()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    assert "frozen at exit: True" in done.stdout
+
+
+def test_a_dask_worker_that_preloads_the_tasks_freezes_its_objects_as_it_closes():
+    script = ("import gc\nfrom permanence.adapters import sweep_tasks\nsweep_tasks.dask_teardown(None)\n"
+              "print(gc.get_freeze_count() > 0)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "True", done.stderr

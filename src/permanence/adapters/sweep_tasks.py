@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import gc
 import json
 import os
 import sys
@@ -72,6 +73,13 @@ def undo_malloc_trim() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 64 << 20))
+
+
+def dask_teardown(worker: Any) -> None:
+    """Dask calls this in a worker that preloads this module as the worker closes: its process's exit then skips the
+    interpreter's garbage collections over everything imported (measured: closing a 2-worker local cluster 2.50 s,
+    0.77 s for workers without these imports)."""
+    gc.freeze()
 
 
 class TaskFailure(RuntimeError):
