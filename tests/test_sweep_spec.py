@@ -292,3 +292,12 @@ def test_a_relative_config_is_found_from_any_working_directory(tmp_path, monkeyp
     sweep_file.write_text(sweep_file.read_text().replace("config: params.yaml", "config: other.yaml"))
     with pytest.raises(PermanenceError, match=r"config: .*other\.yaml.*not found"):
         load_sweep(sweep_file)
+
+
+def test_an_exclude_value_is_compared_as_the_cells_are(tmp_path):
+    """3.0 names the grid's value 3 (as it drops the cells with 3), so it is not 'not a value of that axis'."""
+    from permanence.sweep import load_sweep
+
+    path = _write(tmp_path, f"name: ex\nconfig: {ROOT / 'params.yaml'}\ngrid: {{drift.delta: [3, 9]}}\n"
+                            "exclude: [{drift.delta: 3.0}]\ncontrol: false\n")
+    assert [t.values["drift.delta"] for t in load_sweep(path).timelines] == [9]

@@ -175,10 +175,10 @@ def _points(path: Path, raw: dict[str, Any]) -> tuple[list[str], list[dict[str, 
         for key, value in entry.items():
             if key not in axes:
                 _fail(path, f"exclude: '{key}' is not an axis of this sweep; axes: {', '.join(axes)}")
-            values = {json.dumps(p[key], sort_keys=True): p[key] for p in points if key in p}
-            if json.dumps(value, sort_keys=True) not in values:
+            values = [p[key] for p in points if key in p]
+            if value not in values:  # compared as _matches compares, so 3.0 excludes the value 3
                 _fail(path, f"exclude: {key}={value} is not a value of that axis; its values: "
-                            + ", ".join(str(v) for v in values.values()))
+                            + ", ".join(dict.fromkeys(str(v) for v in values)))
         if not any(_matches(p, entry) for p in points):
             _fail(path, f"exclude: {_where(entry).removeprefix('cell ')} matches no cell of the grid")
     points = [p for p in points if not any(_matches(p, e) for e in exclude)]
