@@ -1,7 +1,10 @@
 """The same timelines three ways: as one sweep (Dask workers, shared M0s), as the same pipeline one cell after another
 in one warm process, and as `permanence simulate` commands one after another (what a user did before sweeps).
 
-    python bench/sweep.py [--sweep bench/sweep.yaml] [--workers 2]
+    python bench/sweep.py [--sweep sweeps/policies.yaml] [--workers 2] [--seeds N] [--skip-cli]
+
+By default the cells are those of `permanence sweep sweeps/policies.yaml` (every policy x BadNets and Blended x 3
+seeds, the dormancy probes every 5th version); bench/sweep.yaml is a smaller grid without probes.
 
 Run it in the project's environment (`make install`). One-time costs of this process (imports, the Prefect server)
 are paid before any clock starts; the sweep's own costs (its Dask cluster, the workers' imports) are counted. Each
@@ -115,7 +118,7 @@ def print_sweep_phases(summary: dict, started_at: float, workers: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sweep", default=str(ROOT / "bench" / "sweep.yaml"))
+    parser.add_argument("--sweep", default=str(ROOT / "sweeps" / "policies.yaml"))
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--seeds", type=int, default=None, help="override the sweep file's seeds (a quicker look)")
     parser.add_argument("--skip-cli", action="store_true", help="leave out the slowest way (the CLI commands)")

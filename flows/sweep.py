@@ -25,8 +25,11 @@ from permanence.adapters.comparison import write_comparison
 from permanence.adapters.mlflow_store import StudyLock, config_hash
 from permanence.adapters.sweep_store import SweepStore
 from permanence.adapters import sweep_tasks
-from permanence.adapters.sweep_tasks import SweepProgress, sweep_timeline, train_shared_m0
-from permanence.sweep import Sweep, baseline_key, estimated_cost, m0_key
+from permanence.adapters.sweep_tasks import (
+    SweepProgress, measure_shared_m0, probe_shared_baseline, sweep_timeline, train_shared_m0,
+)
+from permanence.dormancy import PROBES
+from permanence.sweep import Sweep, baseline_key, estimated_cost, m0_key, m0_record_key, probe_baseline_key
 
 
 def task_runner(workers: int, address: str | None) -> DaskTaskRunner:
@@ -70,44 +73,91 @@ def policy_sweep(sweep: Any, store_dir: Path = Path("mlruns"), results_dir: Path
             raise
 
 
+class Job:
+    """Work for Dask, handed to it once the jobs it needs have finished: `submit(their results)` -> a future. A shared
+    job (an M0, a probe baseline) is done once for every timeline that needs it. (A plain class: this file is loaded
+    by path, and dataclasses look their module up by name.)"""
+
+    def __init__(self, submit: Callable[[dict[str, Any]], Any], needs: dict[str, Job] | None = None,
+                 study: str | None = None, what: str = "timeline") -> None:
+        self.submit, self.needs, self.study, self.what = submit, needs or {}, study, what  # what: as a failure names it
+        self.future: Any = None
+        self.error: str | None = None  # why it could not run: a job it needs failed
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or (self.future is not None and self.future.wrapped_future.done())
+
+    def outcome(self) -> Any:
+        return RuntimeError(self.error) if self.error is not None else _outcome(self.future)
+
+
 def _run(sweep: Any, store: SweepStore, parent: str, results_dir: Path,
          on_progress: Callable[[SweepProgress], None] | None) -> dict[str, Any]:
-    """Submit the M0s and the unfinished timelines, follow them, write the comparison and close the parent run."""
+    """Submit the shared work and the unfinished timelines, follow them, write the comparison and close the parent."""
     finished = store.finished_hashes()
     results_dir = results_dir.resolve()
     timelines_dir = results_dir / sweep.name / "timelines"
-    m0s: dict[str, Any] = {}
+    shared: dict[str, Job] = {}
 
-    def shared(config, key):
-        if key not in m0s:
-            m0s[key] = train_shared_m0.submit(config, store.uri, sweep.name, parent, key)
-        return m0s[key]
+    def model(config, key) -> Job:
+        if key not in shared:
+            shared[key] = Job(lambda _, c=config, k=key: _ahead(train_shared_m0, c, store.uri, sweep.name, parent, k),
+                              what="shared model")
+        return shared[key]
 
-    # each timeline goes to Dask once the M0s it starts from are trained, costliest first, so that free workers
-    # take the longest timelines first (handed out as the M0's dependents, they would run in arbitrary order)
-    waiting, skipped = [], 0
+    def probe_baseline(config, key, baseline: Job) -> Job:
+        if key not in shared:
+            shared[key] = Job(lambda needs, c=config, k=key: _ahead(
+                probe_shared_baseline, c, store.uri, sweep.name, parent, k, needs["baseline"]), {"baseline": baseline},
+                what="shared probe baseline")
+        return shared[key]
+
+    def version0(config, key, needs: dict[str, Job]) -> Job:
+        if key not in shared:
+            shared[key] = Job(lambda done, c=config, k=key: _ahead(
+                measure_shared_m0, c, store.uri, sweep.name, parent, k, done["m0"], done["baseline"],
+                done.get("baseline_fields")), dict(needs), what="shared version 0")
+        return shared[key]
+
+    # each timeline goes to Dask once the shared work it needs is done, costliest first, so that free workers take
+    # the longest timelines first (handed out as the M0's dependents, they would run in arbitrary order)
+    timelines, skipped = [], 0
     for cost, timeline in sorted(((estimated_cost(t.config), t) for t in sweep.timelines), key=lambda ct: -ct[0]):
         config = timeline.config
         if config_hash(config) in finished:
             skipped += 1
             continue
-        needs = {"m0": shared(config, m0_key(config))}
-        if any(getattr(config.eval, probe) for probe in ("retune", "reactivate", "bec")):
+        needs = {"m0": model(config, m0_key(config))}
+        if any(getattr(config.eval, probe) for probe in PROBES):
             clean = config.model_copy(update={"poisoning": config.poisoning.model_copy(update={"inject": "none"})})
-            needs["baseline"] = shared(clean, baseline_key(config))
-        waiting.append((timeline, cost, needs))
+            needs["baseline"] = model(clean, baseline_key(config))
+            key = probe_baseline_key(config)
+            if key is not None:
+                needs["baseline_fields"] = probe_baseline(config, key, needs["baseline"])
+            # with probes, version 0 costs as much as a probed update: measured once for every policy from this M0
+            needs["m0_record"] = version0(config, m0_record_key(config), needs)
 
-    def submit(timeline, cost: float, models: dict[str, Any]):
-        with dask.annotate(priority=round(cost * 100)):  # a worker's queue runs them in that order
-            return sweep_timeline.submit(timeline.config, store.uri, timelines_dir, sweep.name, parent,
-                                         models["m0"], models.get("baseline"))
+        def submit(results, config=config, cost=cost):
+            with dask.annotate(priority=round(cost * 100)):  # a worker's queue runs them in that order
+                return sweep_timeline.submit(config, store.uri, timelines_dir, sweep.name, parent, results["m0"],
+                                             results.get("baseline"), results.get("baseline_fields"),
+                                             results.get("m0_record"))
 
-    failures = _follow(waiting, submit, m0s, skipped, on_progress)
+        timelines.append(Job(submit, needs, timeline.study))
+
+    failures = _follow(list(shared.values()), timelines, skipped, on_progress)
     results, missing = store.results(sweep.spec()["timelines"])
     files = write_comparison(results_dir / sweep.name, sweep.name, sweep.axes, sweep.compare, sweep.heatmap, results)
     store.finish(parent, "FAILED" if failures or missing else "FINISHED", files)
     return {"sweep": sweep.name, "parent_run_id": parent, "experiment_id": store.experiment_id, "tracking_uri": store.uri,
             "files": files, "timelines": len(sweep.timelines), "finished_before": skipped, "failures": failures, "missing": missing}
+
+
+def _ahead(task: Any, *args: Any) -> Any:
+    """Submit a shared job at a Dask priority above any timeline's (cost x 100): each one unblocks timelines."""
+    with dask.annotate(priority=10**9):
+        return task.submit(*args)
 
 
 def _outcome(future: Any) -> Any:
@@ -119,42 +169,42 @@ def _outcome(future: Any) -> Any:
         return err
 
 
-def _follow(waiting: list[tuple[Any, float, dict[str, Any]]], submit: Callable, m0s: dict[str, Any], skipped: int,
+def _follow(shared: list[Job], timelines: list[Job], skipped: int,
             on_progress: Callable[[SweepProgress], None] | None) -> dict[str, str]:
-    """Submit each waiting timeline once its shared models are done and wait for every timeline, reporting done /
-    running / left; returns study -> error for the ones that failed (a failed M0 fails the timelines that need it)."""
+    """Submit each job once the jobs it needs are done and wait for every timeline, reporting done / running / left;
+    returns study -> error for the timelines that failed (a failed shared job fails the jobs that need it)."""
     client = get_run_context().task_runner.client
-    total = len(waiting)
-    pending, failures = {}, {}
+    waiting, failures, collected = [*shared, *timelines], {}, set()
     while True:
         still_waiting = []
-        for timeline, cost, needs in waiting:
-            if not all(need.wrapped_future.done() for need in needs.values()):
-                still_waiting.append((timeline, cost, needs))
+        for job in waiting:
+            if not all(need.finished for need in job.needs.values()):
+                still_waiting.append(job)
                 continue
-            models = {name: _outcome(need) for name, need in needs.items()}
-            broken = next((m for m in models.values() if isinstance(m, BaseException)), None)
-            if broken is not None:
-                failures[timeline.study] = f"its shared model failed: {type(broken).__name__}: {broken}".splitlines()[0]
+            results = {name: need.outcome() for name, need in job.needs.items()}
+            for need, result in zip(job.needs.values(), results.values()):
+                if isinstance(result, BaseException):  # the first failure down the line, said once
+                    job.error = need.error or f"its {need.what} failed: {type(result).__name__}: {result}".splitlines()[0]
+                    break
             else:
-                pending[timeline.study] = submit(timeline, cost, models)
+                job.future = job.submit(results)
         waiting = still_waiting
-        for study, future in list(pending.items()):
-            if future.wrapped_future.done():
-                outcome = _outcome(future)
+        for job in timelines:
+            if job.study not in collected and job.finished:
+                collected.add(job.study)
+                outcome = job.outcome()
                 if isinstance(outcome, BaseException):
-                    failures[study] = f"{type(outcome).__name__}: {outcome}".splitlines()[0]
-                del pending[study]
+                    failures[job.study] = job.error or f"{type(outcome).__name__}: {outcome}".splitlines()[0]
+        unfinished = [job for job in timelines if job.study not in collected]
         if on_progress is not None:
             processing = {key for keys in client.processing().values() for key in keys}
-            running = sum(f.wrapped_future.key in processing for f in pending.values())
-            m0_done = sum(f.wrapped_future.done() for f in m0s.values())
-            on_progress(SweepProgress(total - len(waiting) - len(pending) - len(failures) + skipped, running,
-                                      len(pending) + len(waiting), len(failures), skipped, m0_done, len(m0s)))
-        if not pending and not waiting:
+            running = sum(job.future is not None and job.future.wrapped_future.key in processing for job in unfinished)
+            on_progress(SweepProgress(len(timelines) - len(unfinished) - len(failures) + skipped, running,
+                                      len(unfinished), len(failures), skipped,
+                                      sum(job.finished for job in shared), len(shared)))
+        if not unfinished:
             return failures
-        watched = {f.wrapped_future for f in pending.values()}  # a set: many timelines wait for one M0
-        watched |= {need.wrapped_future for *_, needs in waiting for need in needs.values() if not need.wrapped_future.done()}
+        watched = {job.future.wrapped_future for job in [*shared, *timelines] if job.future is not None and not job.finished}
         try:  # wake as soon as anything finishes, and at least twice a second for the live view
             with client.as_current():
                 dask_wait(list(watched), timeout=0.5, return_when="FIRST_COMPLETED")

@@ -7,7 +7,7 @@ import torch
 from conftest import TINY
 from permanence import Simulation, VersionRecord, build_config, simulate
 from permanence.config import EvalConfig
-from permanence.dormancy import PROBES, ProbeModels, run_probes
+from permanence.dormancy import PROBES, ProbeModels, paired, run_probes
 from permanence.dormancy.bec import linear_cka
 from permanence.dormancy.reactivate import budget_levels, perturb, reactivated_asr, universal_perturbation
 from permanence.dormancy.retune import poisoned_count, retune_set
@@ -139,6 +139,30 @@ def test_the_probes_separate_a_backdoored_model_of_another_seed_from_the_baselin
     assert values["p_asr"] > 0.8 and values["p_asr_clean"] < 0.2
     assert values["reactivated_asr"] > 0.8 and values["reactivated_asr_clean"] < 0.2
     assert values["bec"] > 0.7  # the baseline scores 0, the reference 1
+
+
+def test_a_paired_probes_baseline_side_computed_once_is_what_each_run_would_compute(zoo, monkeypatch):
+    """retune and reactivate measure the probed model and the baseline alike: the baseline's fields depend on the
+    inputs alone, so a sweep computes them once (Simulation.baseline_fields) and hands them to every timeline."""
+    sim, version = zoo["sim"], 2
+    names = sim.probes_enabled
+    assert paired(names) == ["reactivate", "retune"] and not PROBES.get("bec").paired
+    shared = sim.baseline_fields(version, zoo["clean"])
+    assert set(shared) == {"p_asr_clean", "reactivated_asr_clean"}
+    probes = ProbeModels(zoo["clean"], zoo["backdoored"])
+    inline = sim.run_probes(zoo["other_backdoored"], version, probes)
+    assert {f: inline[f] for f in shared} == shared
+    calls = []
+    for name in ("retune", "reactivate"):  # count what is measured, on which model
+        probe = PROBES.get(name)
+        counted = dataclasses.replace(probe, measure=lambda m, i, measure=probe.measure: calls.append(m) or measure(m, i))
+        monkeypatch.setitem(PROBES._entries, name, counted)
+    given = {f: 0.5 for f in shared}  # not a value either probe gives here: it must come through as given
+    reused = sim.run_probes(zoo["other_backdoored"], version, dataclasses.replace(probes, baseline_fields={version: given}))
+    assert reused == {**inline, **given}
+    assert len(calls) == 2 and all(m is zoo["other_backdoored"] for m in calls), "the baseline was not probed again"
+    other_version = sim.run_probes(zoo["other_backdoored"], 1, dataclasses.replace(probes, baseline_fields={version: given}))
+    assert all(other_version[f] != 0.5 for f in given) and len(calls) == 6, "a version without shared fields computes them"
 
 
 def test_baseline_is_the_clean_control_studys_m0(zoo):

@@ -93,13 +93,14 @@ def test_the_local_clusters_workers_run_without_dasks_profiler_and_malloc_trim_w
 
 @pytest.fixture(scope="module")
 def one_worker_sweep(tmp_path_factory):
-    """One seed of static, finetune and ft_sam with the BEC probe, on a local cluster of one worker (so the start order
-    is the submission order); returns its runs, the MLflow client and its folder. One sweep for both tests below, since
-    each local cluster starts a worker that imports torch, Prefect and MLflow."""
+    """One seed of static, finetune and ft_sam with the BEC and re-tuning probes, on a local cluster of one worker (so
+    the start order is the submission order); returns its runs, the MLflow client and its folder. One sweep for the
+    tests below, since each local cluster starts a worker that imports torch, Prefect and MLflow."""
     tmp = tmp_path_factory.mktemp("one-worker")
     path = tmp / "probed.yaml"
+    probes = ["eval.bec=true", "eval.probe_images=50", "eval.retune=true", "eval.retune_epochs=1"]
     path.write_text(f"name: probed\nconfig: {ROOT / 'params.yaml'}\n"
-                    f"base: {json.dumps(CELL + ['eval.bec=true', 'eval.probe_images=50'])}\n"
+                    f"base: {json.dumps(CELL + probes)}\n"
                     "grid:\n  update.policy: [static, finetune, ft_sam]\nseeds: 1\ncontrol: false\n")
     done = subprocess.run([str(BIN / "permanence"), "sweep", str(path), "--workers", "1", "--results",
                            str(tmp / "results"), "--store", str(tmp / "mlruns"), "--no-progress"],
@@ -118,12 +119,39 @@ def test_timelines_start_costliest_first(one_worker_sweep):
 
 
 def test_a_sweep_with_probes_shares_the_never_poisoned_baseline(one_worker_sweep):
-    """The dormancy probes' baseline is a shared model too: each timeline is submitted once both it and M0 exist."""
+    """The dormancy probes' baseline is a shared model too, and so is its side of the paired probes (re-tuning here):
+    computed once, at every probed version, for every timeline; each timeline is submitted once all three exist."""
     runs, client, tmp = one_worker_sweep
     roles = sorted(r.data.tags.get("permanence.role", "") for r in runs if r.info.status == "FINISHED")
-    assert roles == ["m0", "m0", "sweep", "timeline", "timeline", "timeline"], roles  # M0 and its clean baseline, once each
+    # M0 and its clean baseline, once each; the baseline's re-tuning once; version 0 (M0 probed) once
+    assert roles == ["m0", "m0", "probe-baseline", "sweep", "timeline", "timeline", "timeline", "version0"], roles
+    shared = next(r for r in runs if r.data.tags.get("permanence.role") == "probe-baseline")
+    p_asr_clean = {m.step: m.value for m in client.get_metric_history(shared.info.run_id, "p_asr_clean")}
+    assert sorted(p_asr_clean) == list(range(VERSIONS)) and set(shared.data.metrics) == {"p_asr_clean", "seconds"}
     for run in runs:
         if run.data.tags.get("permanence.role") == "timeline":  # loaded the shared baseline, did not train its own
             assert "baseline" not in {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert run.info.start_time >= shared.info.end_time
+            logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "p_asr_clean")}
+            assert logged == p_asr_clean
     rows = list(csv.DictReader((tmp / "results" / "probed" / "cells.csv").open()))
     assert len(rows) == 3 and all(math.isfinite(float(r["bec_final"])) for r in rows), rows
+    assert all(0 <= float(r["p_asr_final"]) <= 1 for r in rows), rows
+
+
+def test_a_timeline_given_the_shared_baseline_side_logs_what_simulate_computes_itself(one_worker_sweep):
+    """`permanence simulate` of one of the sweep's cells (its torch on one thread, as in a worker) computes the
+    baseline's re-tuning itself, beside its own: the same numbers as the sweep's timeline given the shared ones."""
+    runs, client, tmp = one_worker_sweep
+    timeline = next(r for r in runs if r.data.tags.get("study") == "probed-finetune-s0")
+    sets = [x for a in [*CELL, "eval.bec=true", "eval.probe_images=50", "eval.retune=true", "eval.retune_epochs=1",
+                        "update.policy=finetune", "runtime.threads=1", "study=alone"] for x in ("--set", a)]
+    done = subprocess.run([str(BIN / "permanence"), "simulate", "--config", str(ROOT / "params.yaml"), *sets, "--no-progress",
+                           "--results", str(tmp / "alone"), "--store", str(tmp / "alone-mlruns")],
+                          cwd=tmp, env=_env(tmp), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    alone = list(csv.DictReader((tmp / "alone" / "alone" / "timeline.csv").open()))
+    swept = list(csv.DictReader((tmp / "results" / "probed" / "timelines" / "probed-finetune-s0" / "timeline.csv").open()))
+    for field in ("p_asr", "p_asr_clean", "bec", "asr", "clean_acc"):
+        assert [r[field] for r in alone] == [r[field] for r in swept], field
+    assert timeline.info.status == "FINISHED"

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from permanence.cli import app
 from permanence.errors import PermanenceError
 from permanence.policies import POLICIES
-from permanence.sweep import baseline_key, estimated_cost, load_sweep, m0_key
+from permanence.sweep import baseline_key, estimated_cost, load_sweep, m0_key, probe_baseline_key
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BASE = ["update.updates=2", "train.epochs=2", "update.epochs=1", "data.limit=400", "data.test_limit=100"]
@@ -90,6 +90,35 @@ control: false
     d0 = next(t for t in sweep.timelines if t.values["poisoning.inject"] == "d0")
     later = next(t for t in sweep.timelines if t.values["poisoning.inject"] == "update" and t.seed == d0.seed)
     assert baseline_key(d0.config) == m0_key(later.config), "the probes' baseline is the clean M0 of the same seed"
+
+
+
+def test_timelines_share_the_probes_baseline_side_only_where_its_inputs_are_the_same(tmp_path):
+    """The paired probes' baseline fields depend on the baseline model and the probes' inputs, never on the policy:
+    a key per seed x attack x eval settings here, shared by the policies (and the never-poisoned control)."""
+    sweep = load_sweep(_write(tmp_path, """
+name: probed
+config: CONFIG
+base: [eval.retune=true]
+grid:
+  update.policy: [finetune, stlr]
+  attack.name: [badnets, blended]
+  eval.retune_epochs: [5, 2]
+seeds: 2
+"""))
+    keys = {}
+    for t in sweep.timelines:
+        keys.setdefault(probe_baseline_key(t.config), set()).add(
+            "control" if t.control else t.values["update.policy"])
+    assert len(keys) == 2 * 2 * 2 and all(members == {"finetune", "stlr", "control"} for members in keys.values()), keys
+    config = sweep.timelines[0].config
+    changed = [config.model_copy(update={"update": config.update.model_copy(update={"batch_size": 32})}),
+               config.model_copy(update={"drift": config.drift.model_copy(update={"delta": 9.0})}),
+               config.model_copy(update={"train": config.train.model_copy(update={"epochs": 3})}),  # another baseline
+               config.model_copy(update={"update": config.update.model_copy(update={"updates": 7})})]  # other versions
+    assert len({probe_baseline_key(c) for c in [config, *changed]}) == 5
+    unpaired = config.model_copy(update={"eval": config.eval.model_copy(update={"retune": False, "bec": True})})
+    assert probe_baseline_key(unpaired) is None, "bec has no baseline side of its own to share"
 
 
 BAD = {
@@ -210,7 +239,10 @@ def test_set_applies_to_every_cell_and_dry_run_lists_shared_m0s(tmp_path):
     result = CliRunner().invoke(app, ["sweep", str(path), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "4 M0s trained once each for 6 timelines" in result.stdout  # 2 poisoned + 2 clean (controls) for 6
-    assert "shared by 2 timelines" in result.stdout
+    assert "shared by 2 timelines" in result.stdout and "probe baselines" not in result.stdout
+    result = CliRunner().invoke(app, ["sweep", str(path), "--dry-run", "--set", "eval.reactivate=true"])
+    assert result.exit_code == 0, result.output
+    assert "2 probe baselines" in result.stdout and "once each for 6 timelines" in result.stdout  # one per seed
 
 
 def test_comparison_tables_from_results():

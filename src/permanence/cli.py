@@ -183,7 +183,7 @@ def _check_scheduler(address: str, named: str, timeout: float = 5.0) -> None:
 
 
 def _dry_run(sweep) -> None:
-    from permanence.sweep import m0_key
+    from permanence.sweep import m0_key, probe_baseline_key
 
     table = Table(title=f"sweep {sweep.name}: {len(sweep.timelines)} timelines", header_style="bold")
     for name in ["#", *sweep.axes, "seed", "study", "M0"]:
@@ -203,6 +203,14 @@ def _dry_run(sweep) -> None:
         uses = f"shared by {len(members)} timelines" if len(members) > 1 else "used by 1 timeline"
         out.print(f"M0-{m0}: seed {first.seed}, {first.model.name} on {first.data.name}, {poisoned}: {uses}")
     out.print(f"{len(m0s)} M0s trained once each for {len(sweep.timelines)} timelines")
+    probed: dict[str, int] = {}
+    for timeline in sweep.timelines:
+        key = probe_baseline_key(timeline.config)
+        if key is not None:
+            probed[key] = probed.get(key, 0) + 1
+    if probed:
+        out.print(f"{len(probed)} probe baselines (the paired probes' baseline side at every probed version) computed "
+                  f"once each for {sum(probed.values())} timelines")
 
 
 @app.command()
@@ -267,7 +275,7 @@ def sweep(
 
         def on_progress(p) -> None:
             info = f"running {p.running}, left {p.left}" + (f", failed {p.failed}" if p.failed else "") + \
-                   (f", {p.skipped} done before" if p.skipped else "") + f"; M0s {p.m0_done}/{p.m0_total}"
+                   (f", {p.skipped} done before" if p.skipped else "") + f"; shared work {p.shared_done}/{p.shared_total}"
             bars.update(bar, completed=p.done, info=info)
 
         try:

@@ -17,7 +17,7 @@ import torch
 from permanence.attacks import build_attack
 from permanence.config import Config
 from permanence.data import Splits, load_splits
-from permanence.dormancy import PROBES, ProbeInputs, ProbeModels, run_probes
+from permanence.dormancy import PROBES, ProbeInputs, ProbeModels, baseline_fields, run_probes
 from permanence.drift import DRIFTS, drift_parameter
 from permanence.errors import PermanenceError
 from permanence.metrics import accuracy, attack_success_rate
@@ -204,7 +204,7 @@ class Simulation:
 
     def probe_due(self, version: int) -> bool:
         """Whether the dormancy probes run on this version: every `eval.probe_every`-th one, and the last."""
-        return version % self.config.eval.probe_every == 0 or version == self.versions - 1
+        return version in probed_versions(self.config)
 
     def baseline_config(self) -> Config:
         """This study never poisoned (same seed, data, model and recipes): its M0 is the probes' baseline."""
@@ -236,13 +236,19 @@ class Simulation:
         """The enabled probes' numbers for this version (none if no probe is enabled); `model` is not modified.
 
         A poisoned version is its own reference; bec is left out while there is no reference (before any poisoning).
+        The paired probes' baseline fields come from `probes.baseline_fields` where it has this version's.
         """
         names = self.probes_enabled
         if not names:
             return {}
         if self.is_poisoned(version):
             probes = replace(probes, reference=model)
-        return run_probes(model, self.probe_inputs(version, probes), names)
+        return run_probes(model, self.probe_inputs(version, probes), names, probes.baseline_fields.get(version))
+
+    def baseline_fields(self, version: int, baseline: Classifier) -> dict[str, float]:
+        """The enabled paired probes' baseline fields at this version: what `run_probes` would compute beside any
+        probed model of any timeline whose `probe_context` is this one's."""
+        return baseline_fields(self.probe_inputs(version, ProbeModels(baseline)), self.probes_enabled)
 
     def step(self, model: Classifier | None, version: int, on_event: ProgressCallback | None = None,
              data: TrainingSet | None = None, probes: ProbeModels | None = None) -> tuple[Classifier, VersionRecord]:
@@ -286,6 +292,20 @@ class Simulation:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def probed_versions(config: Config) -> list[int]:
+    """The versions the dormancy probes run on: every `eval.probe_every`-th one, and the last."""
+    last = config.update.updates
+    return [v for v in range(last + 1) if v % config.eval.probe_every == 0 or v == last]
+
+
+def probe_context(config: Config) -> dict:
+    """Everything `Simulation.probe_inputs` reads from a config: two timelines with equal contexts (and the same
+    baseline model) give a paired probe's baseline the same inputs at every version, so its number is the same."""
+    return {"seed": config.seed, **{section: getattr(config, section).model_dump(mode="json")
+                                    for section in ("data", "drift", "attack", "eval", "runtime")},
+            "update.batch_size": config.update.batch_size}
 
 
 def state_on_cpu(model: Classifier) -> dict[str, torch.Tensor]:

@@ -418,6 +418,28 @@ def baseline_key(config: Config) -> str:
     return m0_key(Config.model_validate(raw))
 
 
+def probe_baseline_key(config: Config) -> str | None:
+    """What the paired dormancy probes' baseline fields depend on: the baseline model, the probes' inputs
+    (`probe_context`) and the versions probed. Timelines with equal keys share them, computed once; None when no
+    paired probe is enabled."""
+    from permanence.dormancy import PROBES, paired
+    from permanence.simulation import probe_context, probed_versions
+
+    if not paired(name for name in PROBES if getattr(config.eval, name, False)):
+        return None
+    parts = {"baseline": baseline_key(config), "context": probe_context(config), "versions": probed_versions(config)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def m0_record_key(config: Config) -> str:
+    """What version 0's row depends on: its M0, and the evaluation and probes it faces (`probe_context`, the probes'
+    baseline model). Timelines with equal keys have the same version 0, measured once."""
+    from permanence.simulation import probe_context
+
+    parts = {"m0": m0_key(config), "context": probe_context(config), "baseline": baseline_key(config)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def estimated_cost(config: Config) -> float:
     """A timeline's update work relative to other timelines of its sweep: updates x epochs x the policy's registered
     cost. A sweep starts its costliest timelines first (longest processing time first) so that no worker is left with

@@ -46,14 +46,21 @@ class SharedModel:
     seconds: float  # what training it cost
 
 
+BaselineFields = dict[int, dict[str, float]]  # version -> the paired probes' baseline fields
+
+
 @task(**RETRIES)
 def train_initial_model(sim: Simulation, on_event: ProgressCallback | None, probes: ProbeModels | None):
     return sim.step(None, 0, on_event, probes=probes)
 
 
 @task(**RETRIES)
-def start_from_shared(sim: Simulation, uri: str, shared: SharedModel, probes: ProbeModels | None):
+def start_from_shared(sim: Simulation, uri: str, shared: SharedModel, probes: ProbeModels | None,
+                      measured: dict[str, Any] | None = None):
+    """A shared M0 as version 0: its row as `measured` once for the timelines that share it, else measured here."""
     model = sim.load_model(load_weights(uri, shared.source))
+    if measured is not None:
+        return model, VersionRecord(**measured)
     return model, sim.measure(model, 0, sim.training_set(0), probes, train_seconds=shared.seconds)
 
 
@@ -153,17 +160,21 @@ def timeline_of(rows: list[dict[str, Any]], alpha: float) -> Timeline:
 
 
 def run_timeline(sim: Simulation, store: StudyStore, results_dir: Path, *, m0: SharedModel | None = None,
-                 baseline: SharedModel | None = None, on_event: ProgressCallback | None = None,
+                 baseline: SharedModel | None = None, baseline_fields: BaselineFields | None = None,
+                 m0_record: dict[str, Any] | None = None, on_event: ProgressCallback | None = None,
                  on_version: Callable[[dict[str, Any], bool], None] | None = None, plot: bool = True,
                  export_dir: Path | None = None) -> dict[str, Any]:
     """Run (or resume) one timeline through the registry; returns its summary. `m0`: start from a shared M0
-    instead of training one; `baseline`: the probes' shared never-poisoned model; `on_version(row, resumed)`."""
+    instead of training one; `baseline`: the probes' shared never-poisoned model; `baseline_fields`: the paired
+    probes' baseline fields per version, and `m0_record`: the shared M0's row as version 0, each computed once for
+    the timelines that share it; `on_version(row, resumed)`."""
     config = sim.config
     with StudyLock(store.uri, config.study):
         run_id, _ = store.open_run()
         reports = tempfile.TemporaryDirectory(prefix="drift-reports-") if config.tracking.drift_reports else None
         try:
-            rows = _versions(sim, store, m0, baseline, on_event, on_version, Path(reports.name) if reports else None)
+            rows = _versions(sim, store, m0, baseline, baseline_fields, m0_record, on_event, on_version,
+                             Path(reports.name) if reports else None)
             summary = timeline_of(rows, config.eval.alpha).summary()
             summary.update(study=config.study, seed=config.seed, attack=config.attack.name, policy=config.update.policy,
                            injection=config.poisoning.inject, mlflow_run_id=run_id, tracking_uri=store.uri,
@@ -190,12 +201,15 @@ def run_timeline(sim: Simulation, store: StudyStore, results_dir: Path, *, m0: S
 
 
 def _versions(sim: Simulation, store: StudyStore, m0: SharedModel | None, shared_baseline: SharedModel | None,
-              on_event, on_version, report_dir: Path | None) -> list[dict[str, Any]]:
+              shared_fields: BaselineFields | None, m0_record: dict[str, Any] | None, on_event, on_version,
+              report_dir: Path | None) -> list[dict[str, Any]]:
     config = sim.config
     spec = ModelSpec.of(sim)
     done = store.completed_versions()
     logged = store.logged_steps() if done else set()
-    probes = ProbeModels(baseline_model(sim, store, shared_baseline)) if sim.probes_enabled else None
+    probes = None
+    if sim.probes_enabled:
+        probes = ProbeModels(baseline_model(sim, store, shared_baseline), baseline_fields=dict(shared_fields or {}))
     rows: list[dict[str, Any]] = []
     model = None
     for version in range(sim.versions):
@@ -217,7 +231,7 @@ def _versions(sim: Simulation, store: StudyStore, m0: SharedModel | None, shared
                                                                    sim, production=False))
         if version == 0:
             if m0 is not None:
-                model, base = start_from_shared(sim, store.uri, m0, probes)
+                model, base = start_from_shared(sim, store.uri, m0, probes, m0_record)
             else:
                 model, base = train_initial_model(sim, on_event, probes)
             record = _record(base)

@@ -19,6 +19,7 @@ from permanence.errors import PermanenceError
 
 SPEC_FILE = "sweep.json"
 M0_FOLDER = "m0"
+M0_RECORD_FILE = "version0.json"
 
 
 def spec_hash(spec: dict[str, Any]) -> str:
@@ -113,6 +114,65 @@ class SweepStore:
         self.client.log_batch(run_id, metrics=[Metric("train_seconds", seconds, 0, 0)])
         self.client.set_terminated(run_id, "FINISHED")
         return SharedModel(key, f"{run.info.artifact_uri}/{M0_FOLDER}", run_id, seconds)
+
+    # --- shared probe baselines ----------------------------------------------------------------
+    def finished_probe_baseline(self, key: str) -> dict[int, dict[str, float]] | None:
+        """The baseline fields logged by a finished probe-baseline run with this key: version -> field -> value."""
+        found = self._search(f"tags.probe_baseline_key = '{key}' and attributes.status = 'FINISHED'", 1)
+        if not found:
+            return None
+        run_id = found[0].info.run_id
+        fields: dict[int, dict[str, float]] = {}
+        for name in found[0].data.metrics:
+            if name != "seconds":
+                for metric in self.client.get_metric_history(run_id, name):
+                    fields.setdefault(metric.step, {})[name] = metric.value
+        return fields
+
+    def log_probe_baseline(self, key: str, parent_run_id: str, fields: dict[int, dict[str, float]], seconds: float,
+                           description: str) -> dict[int, dict[str, float]]:
+        """One run holding the paired probes' baseline fields, each a metric stepped by version."""
+        from mlflow.entities import Metric
+
+        run = self.client.create_run(self.experiment_id, run_name=f"probe-baseline-{key[:8]}",
+                                     tags={"permanence.role": "probe-baseline", "probe_baseline_key": key,
+                                           PARENT_TAG: parent_run_id, "mlflow.note.content": description})
+        metrics = [Metric(name, value, 0, version) for version, values in fields.items() for name, value in values.items()]
+        metrics.append(Metric("seconds", seconds, 0, 0))
+        for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
+            self.client.log_batch(run.info.run_id, metrics=metrics[start : start + 1000])
+        self.client.set_terminated(run.info.run_id, "FINISHED")
+        return fields
+
+    # --- shared versions 0 -----------------------------------------------------------------------
+    def finished_m0_record(self, key: str) -> dict[str, Any] | None:
+        """The version-0 row logged by a finished run with this key."""
+        found = self._search(f"tags.m0_record_key = '{key}' and attributes.status = 'FINISHED'", 1)
+        if not found:
+            return None
+        import mlflow.artifacts
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(run_id=found[0].info.run_id, artifact_path=M0_RECORD_FILE,
+                                                        dst_path=tmp, tracking_uri=self.uri)
+            return json.loads(Path(local).read_text())
+
+    def log_m0_record(self, key: str, parent_run_id: str, record: dict[str, Any], description: str) -> dict[str, Any]:
+        """One run holding a shared M0's version-0 row: its metrics (step 0) to read, the row as a JSON artifact."""
+        from mlflow.entities import Metric
+
+        run = self.client.create_run(self.experiment_id, run_name=f"m0-version0-{key[:8]}",
+                                     tags={"permanence.role": "version0", "m0_record_key": key, PARENT_TAG: parent_run_id,
+                                           "mlflow.note.content": description})
+        run_id = run.info.run_id
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / M0_RECORD_FILE
+            path.write_text(json.dumps(record, indent=1))
+            self.client.log_artifact(run_id, str(path))
+        numbers = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in numbers.items() if k != "version"])
+        self.client.set_terminated(run_id, "FINISHED")
+        return record
 
     # --- the finished timelines ----------------------------------------------------------------
     def finished_hashes(self) -> set[str]:

@@ -24,24 +24,25 @@ import torch
 
 from prefect import task
 
-from permanence.adapters.mlflow_store import ModelSpec, StudyLock, StudyStore
-from permanence.adapters.pipeline import RETRIES, SharedModel, run_timeline
+from permanence.adapters.mlflow_store import ModelSpec, StudyLock, StudyStore, load_weights
+from permanence.adapters.pipeline import RETRIES, BaselineFields, SharedModel, run_timeline
 from permanence.adapters.sweep_store import SweepStore
 from permanence.config import Config
 from permanence.data import Splits, load_splits
-from permanence.simulation import Simulation, resolve_device, state_on_cpu
+from permanence.dormancy import ProbeModels, paired
+from permanence.simulation import Simulation, probed_versions, resolve_device, state_on_cpu
 
 @dataclass(frozen=True)
 class SweepProgress:
-    """What the live view shows: timelines done / running / left, and the shared M0s."""
+    """What the live view shows: timelines done / running / left, and the shared work (M0s, probe baselines)."""
 
     done: int
     running: int
     left: int
     failed: int
     skipped: int  # finished by an earlier run of the sweep
-    m0_done: int
-    m0_total: int
+    shared_done: int
+    shared_total: int
 
 
 # A failed timeline is retried once as a whole: it resumes from the registry, so only the step in flight reruns.
@@ -125,13 +126,55 @@ def train_shared_m0(config: Config, uri: str, sweep: str, parent_run_id: str, ke
                                 f"M0 of seed {config.seed}, {config.model.name} on {config.data.name}, {poisoned}")
 
 
+@task(name="probe-baseline", **RETRIES)
+def probe_shared_baseline(config: Config, uri: str, sweep: str, parent_run_id: str, key: str,
+                          baseline: SharedModel) -> BaselineFields:
+    """The paired dormancy probes' baseline fields at every probed version, once for every timeline with this key
+    (`permanence.sweep.probe_baseline_key`): half of each paired probe's work, the same for every policy."""
+    with portable_errors():
+        store = SweepStore(sweep, Path("."), uri)
+        done = store.finished_probe_baseline(key)
+        if done is not None:
+            return done
+        with StudyLock(uri, f"{sweep}-{key}", "probe-baseline"):
+            sim = simulation(config)
+            model = sim.load_model(load_weights(uri, baseline.source))
+            started = time.perf_counter()
+            fields = {version: sim.baseline_fields(version, model) for version in probed_versions(config)}
+            probes = ", ".join(paired(sim.probes_enabled))
+            return store.log_probe_baseline(key, parent_run_id, fields, time.perf_counter() - started,
+                                            f"{probes} on the never-poisoned baseline of seed {config.seed}, "
+                                            f"{config.attack.name}'s trigger, {config.drift.kind} drift")
+
+
+@task(name="m0-version0", **RETRIES)
+def measure_shared_m0(config: Config, uri: str, sweep: str, parent_run_id: str, key: str, m0: SharedModel,
+                      baseline: SharedModel, baseline_fields: BaselineFields | None) -> dict[str, Any]:
+    """Version 0 of every timeline with this key (`permanence.sweep.m0_record_key`), measured once: the shared M0's
+    accuracy, ASR and dormancy probes, the same whatever policy updates it next."""
+    with portable_errors():
+        store = SweepStore(sweep, Path("."), uri)
+        done = store.finished_m0_record(key)
+        if done is not None:
+            return done
+        with StudyLock(uri, f"{sweep}-{key}", "m0-version0"):
+            sim = simulation(config)
+            model = sim.load_model(load_weights(uri, m0.source))
+            probes = ProbeModels(sim.load_model(load_weights(uri, baseline.source)), baseline_fields=baseline_fields or {})
+            record = sim.measure(model, 0, sim.training_set(0), probes, train_seconds=m0.seconds).as_dict()
+            return store.log_m0_record(key, parent_run_id, record, f"version 0 (M0 {m0.key[:8]}) with "
+                                       f"{', '.join(sim.probes_enabled)}, for every policy that starts from it")
+
+
 @task(name="timeline", **TIMELINE_RETRIES)
 def sweep_timeline(config: Config, uri: str, results_dir: Path, sweep: str, parent_run_id: str,
-                   m0: SharedModel | None, baseline: SharedModel | None) -> dict[str, Any]:
+                   m0: SharedModel | None, baseline: SharedModel | None,
+                   baseline_fields: BaselineFields | None = None, m0_record: dict[str, Any] | None = None) -> dict[str, Any]:
     """One timeline of the sweep through the per-timeline pipeline; a finished one is not run again."""
     with portable_errors():
         store = StudyStore(config, experiment=sweep, parent_run_id=parent_run_id, uri=uri)
         finished = store.finished_run()
         if finished is not None:
             return {"study": config.study, "mlflow_run_id": finished.info.run_id, "skipped": True}
-        return run_timeline(simulation(config), store, results_dir, m0=m0, baseline=baseline, plot=False)
+        return run_timeline(simulation(config), store, results_dir, m0=m0, baseline=baseline,
+                            baseline_fields=baseline_fields, m0_record=m0_record, plot=False)

@@ -39,7 +39,7 @@ from permanence.audit.model import InputNormalized
 from permanence.audit.neural_cleanse import held_out_split
 from permanence.audit.verdict import probe_outcomes
 from permanence.config import EvalConfig, TrainConfig, UpdateConfig
-from permanence.dormancy import PROBES, ProbeInputs, reactivate, retune
+from permanence.dormancy import PROBES, ProbeInputs
 from permanence.errors import PermanenceError
 from permanence.models import build_model
 from permanence.seeding import derive_seed, generator
@@ -49,10 +49,9 @@ Trigger = Callable[[Tensor], Tensor]  # uint8 (N, C, H, W) -> triggered uint8
 DEFAULT_PROBES = ("retune", "reactivate")
 HELD_OUT = 0.3  # NeuralCleanseSettings.held_out: the audit's one split of the clean data
 
-# probe -> (its number on one model, the probed model's key, the baseline's key)
+# paired probe -> (its number on one model, the probed model's key, the baseline's key), from the probe registry
 MODEL_SIDE: dict[str, tuple[Callable[[nn.Module, ProbeInputs], float], str, str]] = {
-    "retune": (retune.retuned_asr, "p_asr", "p_asr_clean"),
-    "reactivate": (reactivate.reactivated_asr, "reactivated_asr", "reactivated_asr_clean"),
+    name: (probe.measure, probe.field, probe.baseline_field) for name in PROBES if (probe := PROBES.get(name)).paired
 }
 
 

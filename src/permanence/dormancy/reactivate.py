@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from permanence.dormancy import PROBES, Probe, ProbeInputs, evaluating
+from permanence.dormancy import PROBES, ProbeInputs, evaluating, paired_probe
 from permanence.metrics import attack_success_rate
 from permanence.seeding import generator
 from permanence.training import Runtime, predict
@@ -69,9 +69,4 @@ def reactivated_asr(model: nn.Module, inputs: ProbeInputs) -> float:
     return attack_success_rate(predictions, inputs.target)
 
 
-def probe(model: nn.Module, inputs: ProbeInputs) -> dict[str, float]:
-    return {"reactivated_asr": reactivated_asr(model, inputs),
-            "reactivated_asr_clean": reactivated_asr(inputs.baseline, inputs)}
-
-
-PROBES.register("reactivate")(Probe(probe, fields=("reactivated_asr", "reactivated_asr_clean")))
+PROBES.register("reactivate")(paired_probe(reactivated_asr, "reactivated_asr", "reactivated_asr_clean"))

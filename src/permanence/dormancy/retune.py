@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from permanence.dormancy import PROBES, Probe, ProbeInputs
+from permanence.dormancy import PROBES, ProbeInputs, paired_probe
 from permanence.metrics import attack_success_rate
 from permanence.seeding import generator
 from permanence.training import predict, sgd, train
@@ -59,8 +59,4 @@ def retuned_asr(model: nn.Module, inputs: ProbeInputs) -> float:
     return attack_success_rate(predict(tuned, triggered, inputs.runtime, inputs.eval_batch_size), inputs.target)
 
 
-def probe(model: nn.Module, inputs: ProbeInputs) -> dict[str, float]:
-    return {"p_asr": retuned_asr(model, inputs), "p_asr_clean": retuned_asr(inputs.baseline, inputs)}
-
-
-PROBES.register("retune")(Probe(probe, fields=("p_asr", "p_asr_clean")))
+PROBES.register("retune")(paired_probe(retuned_asr, "p_asr", "p_asr_clean"))
