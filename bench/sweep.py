@@ -113,6 +113,11 @@ def print_sweep_phases(summary: dict, started_at: float, workers: int) -> float:
     print(f"  sweep phases: first M0 logged after {m0_logged:.1f} s (cluster start, workers' imports, M0 training); "
           f"{len(timelines)} timelines {busy:.1f} worker-s in {last - first:.1f} s ({busy / (workers * (last - first)):.0%} "
           f"of {workers} workers); {parent_end - last:.1f} s after the last one", flush=True)
+    seconds = {"m0": lambda m: m.get("train_seconds", 0.0), "probe-baseline": lambda m: m.get("seconds", 0.0),
+               "version0": lambda m: m.get("eval_seconds", 0.0) + m.get("probe_seconds", 0.0)}
+    shared = [f"{len(by_role(role))} {role} ({sum(spent(r.data.metrics) for r in by_role(role)):.1f} s)"
+              for role, spent in seconds.items() if by_role(role)]
+    print(f"  shared work, done once for the timelines that need it: {', '.join(shared)}", flush=True)
     return busy
 
 
