@@ -1,7 +1,8 @@
 """A policy comparison at scale: every timeline of a sweep file, on Dask through Prefect, into one MLflow store.
 
-Each distinct M0 is trained once (a task) and every timeline that starts from it waits for it; each timeline is a
-task that runs the same per-timeline pipeline as `permanence simulate` (registry, drift checks, metrics, resume).
+Work that timelines share is done once, each piece a task that the timelines needing it wait for: each distinct M0,
+and with dormancy probes the paired probes' baseline side and version 0 (the M0 probed); each timeline is a task that
+runs the same per-timeline pipeline as `permanence simulate` (registry, drift checks, metrics, resume).
 By default a local Dask cluster of single-thread worker processes is started for the sweep; with an address the
 tasks go to an existing scheduler (`dask scheduler` + `dask worker ADDRESS` on any machines that reach the store).
 

@@ -14,10 +14,10 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cloudpickle
 import torch
@@ -31,6 +31,9 @@ from permanence.config import Config
 from permanence.data import Splits, load_splits
 from permanence.dormancy import ProbeModels, paired
 from permanence.simulation import Simulation, probed_versions, resolve_device, state_on_cpu
+
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class SweepProgress:
@@ -108,22 +111,33 @@ def simulation(config: Config) -> Simulation:
     return Simulation(config, _splits(json.dumps(config.data.model_dump(mode="json")), config.seed, config.runtime.device))
 
 
+def once(uri: str, sweep: str, key: str, kind: str, finished: Callable[[SweepStore], T | None],
+         make: Callable[[SweepStore], T]) -> T:
+    """A sweep's shared work of this key: what a finished run logged (a re-run, or another worker that got there
+    first), else `make` it under the store's lock for that key (it logs what it made)."""
+    with portable_errors():
+        store = SweepStore(sweep, Path("."), uri)
+        done = finished(store)
+        if done is not None:
+            return done
+        with StudyLock(uri, f"{sweep}-{key}", kind):
+            return make(store)
+
+
 @task(name="train-shared-m0", **RETRIES)
 def train_shared_m0(config: Config, uri: str, sweep: str, parent_run_id: str, key: str) -> SharedModel:
     """Train the M0 that every timeline with this key starts from, once, and log it as an MLflow Model."""
-    with portable_errors():
-        store = SweepStore(sweep, Path("."), uri)
-        done = store.finished_m0(key)
-        if done is not None:
-            return done
-        with StudyLock(uri, f"{sweep}-{key}", "m0"):
-            sim = simulation(config)
-            started = time.perf_counter()
-            model = sim.train_initial()
-            seconds = time.perf_counter() - started
-            poisoned = f"{config.attack.name} in D0" if config.poisoning.inject == "d0" else "never poisoned"
-            return store.log_m0(key, parent_run_id, state_on_cpu(model), ModelSpec.of(sim), seconds,
-                                f"M0 of seed {config.seed}, {config.model.name} on {config.data.name}, {poisoned}")
+
+    def train(store: SweepStore) -> SharedModel:
+        sim = simulation(config)
+        started = time.perf_counter()
+        model = sim.train_initial()
+        seconds = time.perf_counter() - started
+        poisoned = f"{config.attack.name} in D0" if config.poisoning.inject == "d0" else "never poisoned"
+        return store.log_m0(key, parent_run_id, state_on_cpu(model), ModelSpec.of(sim), seconds,
+                            f"M0 of seed {config.seed}, {config.model.name} on {config.data.name}, {poisoned}")
+
+    return once(uri, sweep, key, "m0", lambda store: store.finished_m0(key), train)
 
 
 @task(name="probe-baseline", **RETRIES)
@@ -131,20 +145,18 @@ def probe_shared_baseline(config: Config, uri: str, sweep: str, parent_run_id: s
                           baseline: SharedModel) -> BaselineFields:
     """The paired dormancy probes' baseline fields at every probed version, once for every timeline with this key
     (`permanence.sweep.probe_baseline_key`): half of each paired probe's work, the same for every policy."""
-    with portable_errors():
-        store = SweepStore(sweep, Path("."), uri)
-        done = store.finished_probe_baseline(key)
-        if done is not None:
-            return done
-        with StudyLock(uri, f"{sweep}-{key}", "probe-baseline"):
-            sim = simulation(config)
-            model = sim.load_model(load_weights(uri, baseline.source))
-            started = time.perf_counter()
-            fields = {version: sim.baseline_fields(version, model) for version in probed_versions(config)}
-            probes = ", ".join(paired(sim.probes_enabled))
-            return store.log_probe_baseline(key, parent_run_id, fields, time.perf_counter() - started,
-                                            f"{probes} on the never-poisoned baseline of seed {config.seed}, "
-                                            f"{config.attack.name}'s trigger, {config.drift.kind} drift")
+
+    def probe(store: SweepStore) -> BaselineFields:
+        sim = simulation(config)
+        model = sim.load_model(load_weights(uri, baseline.source))
+        started = time.perf_counter()
+        fields = {version: sim.baseline_fields(version, model) for version in probed_versions(config)}
+        probes = ", ".join(paired(sim.probes_enabled))
+        return store.log_probe_baseline(key, parent_run_id, fields, time.perf_counter() - started,
+                                        f"{probes} on the never-poisoned baseline of seed {config.seed}, "
+                                        f"{config.attack.name}'s trigger, {config.drift.kind} drift")
+
+    return once(uri, sweep, key, "probe-baseline", lambda store: store.finished_probe_baseline(key), probe)
 
 
 @task(name="m0-version0", **RETRIES)
@@ -152,18 +164,16 @@ def measure_shared_m0(config: Config, uri: str, sweep: str, parent_run_id: str, 
                       baseline: SharedModel, baseline_fields: BaselineFields | None) -> dict[str, Any]:
     """Version 0 of every timeline with this key (`permanence.sweep.m0_record_key`), measured once: the shared M0's
     accuracy, ASR and dormancy probes, the same whatever policy updates it next."""
-    with portable_errors():
-        store = SweepStore(sweep, Path("."), uri)
-        done = store.finished_m0_record(key)
-        if done is not None:
-            return done
-        with StudyLock(uri, f"{sweep}-{key}", "m0-version0"):
-            sim = simulation(config)
-            model = sim.load_model(load_weights(uri, m0.source))
-            probes = ProbeModels(sim.load_model(load_weights(uri, baseline.source)), baseline_fields=baseline_fields or {})
-            record = sim.measure(model, 0, sim.training_set(0), probes, train_seconds=m0.seconds).as_dict()
-            return store.log_m0_record(key, parent_run_id, record, f"version 0 (M0 {m0.key[:8]}) with "
-                                       f"{', '.join(sim.probes_enabled)}, for every policy that starts from it")
+
+    def measure(store: SweepStore) -> dict[str, Any]:
+        sim = simulation(config)
+        model = sim.load_model(load_weights(uri, m0.source))
+        probes = ProbeModels(sim.load_model(load_weights(uri, baseline.source)), baseline_fields=baseline_fields or {})
+        record = sim.measure(model, 0, sim.training_set(0), probes, train_seconds=m0.seconds).as_dict()
+        return store.log_m0_record(key, parent_run_id, record, f"version 0 (M0 {m0.key[:8]}) with "
+                                   f"{', '.join(sim.probes_enabled)}, for every policy that starts from it")
+
+    return once(uri, sweep, key, "m0-version0", lambda store: store.finished_m0_record(key), measure)
 
 
 @task(name="timeline", **TIMELINE_RETRIES)
