@@ -75,20 +75,25 @@ import json, os
 if __name__ == "__main__":
     runner = load_flow("sweep").task_runner(1, None)
     with LocalCluster(**runner.cluster_kwargs) as cluster, Client(cluster) as client:
-        seen = client.run(lambda: (__import__("dask").config.get("distributed.worker.profile.enabled"),
-                                   os.environ.get("MALLOC_TRIM_THRESHOLD_"),
-                                   "permanence.adapters.sweep_tasks" in __import__("sys").modules))
-    print(json.dumps(list(seen.values())))
+        seen = client.run(lambda dask_worker: (__import__("dask").config.get("distributed.worker.profile.enabled"),
+                                               os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+                                               "permanence.adapters.sweep_tasks" in __import__("sys").modules,
+                                               dask_worker.periodic_callbacks["tick"].callback_time,
+                                               dask_worker.periodic_callbacks["memory_monitor"].callback_time))
+        stealing = client.run_on_scheduler(lambda dask_scheduler: "stealing" in dask_scheduler.extensions)
+    print(json.dumps([list(seen.values()), stealing]))
 """
 
 
 def test_the_local_clusters_workers_run_without_dasks_profiler_and_malloc_trim_with_the_tasks_imported(tmp_path):
+    """... and with Dask's housekeeping timers slowed (event-loop tick, memory monitor: 1 s instead of 20 / 100 ms),
+    work stealing off."""
     script = tmp_path / "workers.py"
     script.write_text(LOCAL_WORKERS)
     env = {k: v for k, v in _env(tmp_path).items() if k != "MALLOC_TRIM_THRESHOLD_"}  # Dask's nanny would add it
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == [[False, None, True]]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [[[False, None, True, 1000, 1000]], False]
 
 
 @pytest.fixture(scope="module")
