@@ -33,23 +33,24 @@ from permanence.dormancy import PROBES
 from permanence.sweep import Sweep, baseline_key, estimated_cost, m0_key, m0_record_key, probe_baseline_key
 
 
-LOCAL_CLUSTER_TIMERS = {"distributed.admin.tick.interval": "1s", "distributed.worker.memory.monitor-interval": "1s",
+# Dask settings for the local cluster a sweep starts (Dask's workers inherit them):
+# - Dask's nanny would start each worker with MALLOC_TRIM_THRESHOLD_=65536, which makes torch's CPU buffers cost a
+#   page fault each (3x slower timelines; see sweep_tasks.undo_malloc_trim); None unsets it for our workers
+# - each worker samples its threads' stacks every 10 ms for the dashboard's profile, in Python under the GIL (py-spy
+#   on a 6-timeline digits sweep: 15.5 s of the workers' 404.5 s of Python samples); this cluster has no dashboard
+# - the housekeeping timers, tuned for clusters of many short tasks, wake every event loop 50 (tick) and 10 (memory
+#   monitor) times a second: an idle 2-worker cluster spent 2.0 CPU-s a minute in the sweep's process and 1.0 in
+#   each worker, 0.4 and 0.15 with these; a timeline runs for minutes, and nothing here needs them sooner
+LOCAL_CLUSTER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                        "distributed.worker.profile.enabled": False,
+                        "distributed.admin.tick.interval": "1s", "distributed.worker.memory.monitor-interval": "1s",
                         "distributed.admin.system-monitor.interval": "2s", "distributed.scheduler.work-stealing": False}
 
 
 def task_runner(workers: int, address: str | None) -> DaskTaskRunner:
     if address:
         return DaskTaskRunner(address=address)
-    # Dask's nanny would start each worker with MALLOC_TRIM_THRESHOLD_=65536, which makes torch's CPU buffers cost
-    # a page fault each (3x slower timelines; see sweep_tasks.undo_malloc_trim); None unsets it for our workers
-    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
-    # and each worker samples its threads' stacks every 10 ms for the dashboard's profile, in Python under the GIL
-    # (py-spy on a 6-timeline digits sweep: 15.5 s of the workers' 404.5 s of Python samples); this cluster has no dashboard
-    dask.config.set({"distributed.worker.profile.enabled": False})
-    # and the housekeeping timers, tuned for clusters of many short tasks, wake every event loop 50 (tick) and 10
-    # (memory monitor) times a second: an idle 2-worker cluster spent 2.0 CPU-s a minute in this process and 1.0 in
-    # each worker, 0.4 and 0.15 with these; a timeline runs for minutes, and nothing here needs them sooner
-    dask.config.set(LOCAL_CLUSTER_TIMERS)
+    dask.config.set(LOCAL_CLUSTER_CONFIG)
     # every worker imports the tasks' module (torch, Prefect, MLflow: seconds of CPU) as it starts, side by side,
     # not when its first task arrives: otherwise the second worker begins importing only once the first M0 is done
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,

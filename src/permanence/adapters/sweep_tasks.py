@@ -111,13 +111,13 @@ def simulation(config: Config) -> Simulation:
     return Simulation(config, _splits(json.dumps(config.data.model_dump(mode="json")), config.seed, config.runtime.device))
 
 
-def once(uri: str, sweep: str, key: str, kind: str, finished: Callable[[SweepStore], T | None],
+def once(uri: str, sweep: str, key: str, kind: str, finished: Callable[[SweepStore, str], T | None],
          make: Callable[[SweepStore], T]) -> T:
     """A sweep's shared work of this key: what a finished run logged (a re-run, or another worker that got there
     first), else `make` it under the store's lock for that key (it logs what it made)."""
     with portable_errors():
         store = SweepStore(sweep, Path("."), uri)
-        done = finished(store)
+        done = finished(store, key)
         if done is not None:
             return done
         with StudyLock(uri, f"{sweep}-{key}", kind):
@@ -137,7 +137,7 @@ def train_shared_m0(config: Config, uri: str, sweep: str, parent_run_id: str, ke
         return store.log_m0(key, parent_run_id, state_on_cpu(model), ModelSpec.of(sim), seconds,
                             f"M0 of seed {config.seed}, {config.model.name} on {config.data.name}, {poisoned}")
 
-    return once(uri, sweep, key, "m0", lambda store: store.finished_m0(key), train)
+    return once(uri, sweep, key, "m0", SweepStore.finished_m0, train)
 
 
 @task(name="probe-baseline", **RETRIES)
@@ -156,7 +156,7 @@ def probe_shared_baseline(config: Config, uri: str, sweep: str, parent_run_id: s
                                         f"{probes} on the never-poisoned baseline of seed {config.seed}, "
                                         f"{config.attack.name}'s trigger, {config.drift.kind} drift")
 
-    return once(uri, sweep, key, "probe-baseline", lambda store: store.finished_probe_baseline(key), probe)
+    return once(uri, sweep, key, "probe-baseline", SweepStore.finished_probe_baseline, probe)
 
 
 @task(name="m0-version0", **RETRIES)
@@ -173,7 +173,7 @@ def measure_shared_m0(config: Config, uri: str, sweep: str, parent_run_id: str, 
         return store.log_m0_record(key, parent_run_id, record, f"version 0 (M0 {m0.key[:8]}) with "
                                    f"{', '.join(sim.probes_enabled)}, for every policy that starts from it")
 
-    return once(uri, sweep, key, "m0-version0", lambda store: store.finished_m0_record(key), measure)
+    return once(uri, sweep, key, "m0-version0", SweepStore.finished_m0_record, measure)
 
 
 @task(name="timeline", **TIMELINE_RETRIES)
